@@ -1,0 +1,142 @@
+"""The one small protocol every store family implements, and the errors the engine understands.
+
+A store lists incomplete uploads page by page (with the store's own clock), measures one
+upload from its parts listing, and aborts one upload. It knows nothing of Kubernetes, of
+policies beyond its own target, or of Prometheus: request outcomes go to an observer callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+# (operation, code) -> None; code is an HTTP status or an error code such as "Timeout".
+RequestObserver = Callable[[str, str], None]
+
+
+def ignore_requests(operation: str, code: str) -> None:
+    """The default observer."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCredentials:
+    """Explicit credentials from a Secret. None of a store's fields: the default AWS chain."""
+
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    api_key: str | None = None  # LILT
+
+    def __repr__(self) -> str:  # never leak secret values into logs or tracebacks
+        return "StoreCredentials(<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One incomplete multipart upload. ``container`` is the bucket or vault."""
+
+    container: str
+    key: str
+    upload_id: str
+    initiated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPage:
+    """One page of a listing. ``server_time`` is the store's clock (the response Date header)."""
+
+    uploads: Sequence[Upload]
+    server_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PartsSummary:
+    """What an upload holds: bytes = sum of the part sizes; ``newest_part`` decides activity."""
+
+    size_bytes: int
+    part_count: int
+    newest_part: datetime | None
+    server_time: datetime
+
+
+class StoreError(Exception):
+    """A store call that failed. ``reason`` is a condition reason such as ``AccessDenied``."""
+
+    reason = "StoreError"
+
+    def __init__(self, message: str, *, container: str | None = None) -> None:
+        super().__init__(message)
+        self.container = container
+
+
+class AccessDenied(StoreError):
+    reason = "AccessDenied"
+
+
+class StoreUnreachable(StoreError):
+    reason = "StoreUnreachable"
+
+
+class ContainerNotFound(StoreError):
+    """The bucket or vault does not exist."""
+
+    reason = "BucketNotFound"
+
+
+class Throttled(StoreError):
+    """The store asked us to slow down (503 SlowDown, LimitExceeded, 429)."""
+
+    reason = "Throttled"
+
+
+class InvalidTarget(StoreError):
+    """The store rejected the request shape itself (bad bucket name, bad region, ...)."""
+
+    reason = "InvalidSpec"
+
+
+class UploadGone(Exception):
+    """NoSuchUpload: the upload is not (or no longer) there."""
+
+
+class UploadReplaced(Exception):
+    """412 on a conditional abort: the key's upload is not the one we measured."""
+
+
+class Store(Protocol):
+    """A store target: the buckets or vaults one policy covers, behind one set of credentials."""
+
+    @property
+    def kind(self) -> str:
+        """The store label for metrics and status: S3, Glacier, LILT."""
+        ...
+
+    @property
+    def target_id(self) -> str:
+        """Identifies the store endpoint and account, for the per-target sweep lock."""
+        ...
+
+    def containers(self) -> list[str]:
+        """The buckets or vaults to sweep (resolving a bucket pattern if there is one)."""
+        ...
+
+    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+        """Incomplete uploads of one container, page by page. ``prefixes`` is a hint: the
+        store may return uploads outside them (the engine filters), never fewer."""
+        ...
+
+    def measure(self, upload: Upload) -> PartsSummary:
+        """All pages of the parts listing. Raises UploadGone."""
+        ...
+
+    def abort(self, upload: Upload) -> None:
+        """Abort once. Raises UploadGone (already gone) or UploadReplaced (412)."""
+        ...
+
+    def forget(self, upload: Upload) -> None:
+        """Called once an upload is verified gone (LILT prunes its inventory; others do nothing)."""
+        ...
+
+    def close(self) -> None: ...

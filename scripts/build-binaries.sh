@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Builds the real components the tests and the demo run (kube-apiserver, kube-controller-manager,
+# kubectl, etcd, helm, minio) from the Go module proxy, once per pinned version, into
+# ${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor/bin. Builds only what is missing; a failed build
+# exits non-zero (the tests never skip a missing binary).
+#
+# Usage: scripts/build-binaries.sh [NAME...]   (default: all)
+#        scripts/build-binaries.sh --print-dir
+set -euo pipefail
+
+KUBE_VERSION=v1.35.4
+ETCD_VERSION=v3.6.16
+HELM_VERSION=v3.22.0
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+
+CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor"
+BIN_DIR="$CACHE_ROOT/bin"
+WORK_DIR="$CACHE_ROOT/build"
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+mkdir -p "$BIN_DIR" "$WORK_DIR"
+
+if [[ "${1:-}" == "--print-dir" ]]; then echo "$BIN_DIR"; exit 0; fi
+
+log() { printf '[build-binaries] %s\n' "$*" >&2; }
+
+# Binary file names carry the version, so a pin change rebuilds instead of reusing a stale file.
+bin_path() {
+  case "$1" in
+    kube-apiserver|kube-controller-manager|kubectl) echo "$BIN_DIR/$1-$KUBE_VERSION" ;;
+    etcd) echo "$BIN_DIR/etcd-$ETCD_VERSION" ;;
+    helm) echo "$BIN_DIR/helm-$HELM_VERSION" ;;
+    minio) echo "$BIN_DIR/minio-$MINIO_VERSION" ;;
+    *) log "unknown binary: $1"; exit 2 ;;
+  esac
+}
+
+build_kube() {
+  local wanted=() name
+  for name in kube-apiserver kube-controller-manager kubectl; do
+    [[ -x "$(bin_path "$name")" ]] || wanted+=("$name")
+  done
+  ((${#wanted[@]})) || return 0
+  log "building ${wanted[*]} $KUBE_VERSION (long on a cold cache)"
+  local dir="$WORK_DIR/kubernetes-$KUBE_VERSION" minor="${KUBE_VERSION#v1.}"
+  minor="${minor%%.*}"
+  local staging="v0.${KUBE_VERSION#v1.}"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    if [[ ! -f go.mod ]]; then
+      go mod init mpu-janitor.dev/kube-build >/dev/null 2>&1
+      local gomod
+      gomod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+      # k/k replaces its staging modules with ./staging/...; point them at the published tags.
+      local mod
+      for mod in $(awk '$2 == "=>" && $3 ~ /^\.\/staging\// {print $1}' "$gomod"); do
+        go mod edit -replace="$mod=$mod@$staging"
+      done
+      grep -E '^godebug ' "$gomod" >>go.mod || true
+      cat >tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubectl/pkg/cmd"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+      go get "k8s.io/kubernetes@$KUBE_VERSION" >/dev/null
+      go mod tidy -e >/dev/null 2>&1 || true
+      go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBE_VERSION" >/dev/null
+    fi
+    local date ld="" pkg
+    date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ld+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+      ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
+    done
+    for name in "${wanted[@]}"; do
+      log "go build $name"
+      go build -trimpath -ldflags "-s -w $ld" -o "$(bin_path "$name").tmp" "k8s.io/kubernetes/cmd/$name"
+      mv "$(bin_path "$name").tmp" "$(bin_path "$name")"
+    done
+  )
+}
+
+build_etcd() {
+  local out; out=$(bin_path etcd)
+  [[ -x "$out" ]] && return 0
+  log "building etcd $ETCD_VERSION"
+  local dir="$WORK_DIR/etcd-$ETCD_VERSION"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    if [[ ! -f go.mod ]]; then
+      go mod init mpu-janitor.dev/etcd-build >/dev/null 2>&1
+      cat >main.go <<'GO'
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+      go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null
+      go mod tidy >/dev/null
+    fi
+    go build -trimpath -ldflags "-s -w" -o "$out.tmp" .
+    mv "$out.tmp" "$out"
+  )
+}
+
+build_helm() {
+  local out; out=$(bin_path helm)
+  [[ -x "$out" ]] && return 0
+  log "building helm $HELM_VERSION"
+  local dir="$WORK_DIR/helm-$HELM_VERSION"
+  mkdir -p "$dir"
+  GOBIN="$dir" go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  mv "$dir/helm" "$out"
+}
+
+build_minio() {
+  local out; out=$(bin_path minio)
+  [[ -x "$out" ]] && return 0
+  log "building minio $MINIO_VERSION"
+  local dir="$WORK_DIR/minio"
+  mkdir -p "$dir"
+  GOBIN="$dir" go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
+  mv "$dir/minio" "$out"
+}
+
+targets=("$@")
+((${#targets[@]})) || targets=(etcd minio helm kube-apiserver kube-controller-manager kubectl)
+need_kube=0
+for t in "${targets[@]}"; do
+  case "$t" in
+    etcd) build_etcd ;;
+    helm) build_helm ;;
+    minio) build_minio ;;
+    kube-apiserver|kube-controller-manager|kubectl) need_kube=1 ;;
+    *) log "unknown binary: $t"; exit 2 ;;
+  esac
+done
+((need_kube)) && build_kube
+# Stable names (symlinks to the pinned versions) for the fixtures and the demo.
+for t in "${targets[@]}"; do
+  ln -sfn "$(basename "$(bin_path "$t")")" "$BIN_DIR/$t"
+  [[ -x "$BIN_DIR/$t" ]] || { log "missing after build: $t"; exit 1; }
+done
+log "ready in $BIN_DIR: ${targets[*]}"
