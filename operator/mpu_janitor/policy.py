@@ -11,8 +11,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from enum import Enum
+from enum import StrEnum
 from typing import Any
+
+from mpu_janitor.stores.profiles import profile as s3_profile
 
 API_GROUP = "mpu-janitor.dev"
 API_VERSION = "v1alpha1"
@@ -37,25 +39,27 @@ class PolicyError(ValueError):
         self.message = message
 
 
-class StoreType(str, Enum):
+class StoreType(StrEnum):
     S3 = "S3"
     GLACIER = "Glacier"
     LILT = "LILT"
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     ABORT = "Abort"
     DRY_RUN = "DryRun"
 
 
-S3_PROFILES = ("AWS", "MinIO", "Ceph", "Scality", "TencentCOS", "Generic")
+S3_PROFILES = ("AWS", "MinIO", "Ceph", "Scality", "TencentCOS", "Generic")  # = profiles.yaml
 REQUEST_PAYERS = ("Requester",)
 
 
 def parse_duration(text: str, field_path: str) -> timedelta:
     """``90m``, ``36h``, ``7d``, ``1d12h``, ``2w``: units in descending order, each at most once."""
     if not isinstance(text, str) or not text:
-        raise PolicyError(field_path, f"{text!r} is not a duration: use units s m h d w, e.g. 1d12h")
+        raise PolicyError(
+            field_path, f"{text!r} is not a duration: use units s m h d w, e.g. 1d12h"
+        )
     match = _DURATION_RE.match(text.strip())
     if match is None or not any(match.groups()):
         raise PolicyError(
@@ -63,7 +67,11 @@ def parse_duration(text: str, field_path: str) -> timedelta:
             f"{text!r} is not a duration: use whole numbers with units w d h m s "
             "in that order, e.g. 90m, 36h, 7d, 1d12h",
         )
-    parts = {unit: int(value) for unit, value in zip(_DURATION_UNITS, match.groups()) if value}
+    parts = {
+        unit: int(value)
+        for unit, value in zip(_DURATION_UNITS, match.groups(), strict=True)
+        if value
+    }
     return timedelta(**parts)
 
 
@@ -191,7 +199,9 @@ class _Fields:
     def has(self, name: str) -> bool:
         return self.data.get(name) is not None
 
-    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+    def string(
+        self, name: str, default: str | None = None, *, required: bool = False
+    ) -> str | None:
         value = self.data.get(name)
         if value is None:
             if required:
@@ -201,9 +211,20 @@ class _Fields:
             raise PolicyError(self.at(name), f"must be a non-empty string, not {value!r}")
         return value
 
-    def choice(self, name: str, choices: Sequence[str], default: str | None = None) -> str | None:
-        value = self.string(name, default, required=default is None)
-        if value is not None and value not in choices:
+    def choice(
+        self,
+        name: str,
+        choices: Sequence[str],
+        default: str | None = None,
+        *,
+        required: bool = False,
+    ) -> str | None:
+        if self.data.get(name) is None:
+            if required:
+                raise PolicyError(self.at(name), f"is required (one of {', '.join(choices)})")
+            return default
+        value = self.string(name)
+        if value not in choices:
             raise PolicyError(
                 self.at(name), f"{value!r} is not one of {', '.join(choices)} (case matters)"
             )
@@ -237,7 +258,9 @@ class _Fields:
             raise PolicyError(self.at(name), f"must be a list of strings, not {value!r}")
         for index, item in enumerate(value):
             if not isinstance(item, str) or not item:
-                raise PolicyError(f"{self.at(name)}[{index}]", f"must be a non-empty string, not {item!r}")
+                raise PolicyError(
+                    f"{self.at(name)}[{index}]", f"must be a non-empty string, not {item!r}"
+                )
         if len(set(value)) != len(value):
             raise PolicyError(self.at(name), "has duplicate entries")
         return tuple(value)
@@ -262,8 +285,15 @@ def _parse_s3(data: Any, path: str) -> S3Target:
     f = _Fields(
         data,
         path,
-        ("endpoint", "region", "profile", "buckets", "bucketPattern", "expectedBucketOwner",
-         "requestPayer"),
+        (
+            "endpoint",
+            "region",
+            "profile",
+            "buckets",
+            "bucketPattern",
+            "expectedBucketOwner",
+            "requestPayer",
+        ),
     )
     endpoint = _endpoint(f, "endpoint")
     profile = f.choice("profile", S3_PROFILES, "AWS" if endpoint is None else "Generic")
@@ -274,16 +304,16 @@ def _parse_s3(data: Any, path: str) -> S3Target:
         raise PolicyError(f.at("buckets"), "set exactly one of buckets or bucketPattern")
     for index, bucket in enumerate(buckets):
         if not _BUCKET_RE.match(bucket):
-            raise PolicyError(f"{f.at('buckets')}[{index}]", f"{bucket!r} is not a valid bucket name")
-        if profile == "TencentCOS" and not re.search(r"-\d+$", bucket):
             raise PolicyError(
-                f"{f.at('buckets')}[{index}]",
-                f"{bucket!r}: Tencent COS bucket names end with the APPID, e.g. uploads-1250000000",
+                f"{f.at('buckets')}[{index}]", f"{bucket!r} is not a valid bucket name"
             )
+        problem = s3_profile(profile).bucket_name_problem(bucket)
+        if problem:
+            raise PolicyError(f"{f.at('buckets')}[{index}]", problem)
     owner = f.string("expectedBucketOwner")
     if owner is not None and not re.match(r"^\d{12}$", owner):
         raise PolicyError(f.at("expectedBucketOwner"), f"{owner!r} is not a 12-digit account id")
-    payer = f.choice("requestPayer", REQUEST_PAYERS, "") or None
+    payer = f.choice("requestPayer", REQUEST_PAYERS)
     region = f.string("region", "us-east-1")
     assert region is not None
     return S3Target(endpoint, region, profile, buckets, pattern, owner, payer)
@@ -313,7 +343,7 @@ def _parse_lilt(data: Any, path: str) -> LiltTarget:
 
 def _parse_store(data: Any, path: str) -> StoreSpec:
     f = _Fields(data, path, ("type", "s3", "glacier", "lilt", "credentialsSecretRef"))
-    store_type = StoreType(f.choice("type", [t.value for t in StoreType]))
+    store_type = StoreType(f.choice("type", [t.value for t in StoreType], required=True))
     for other in ("s3", "glacier", "lilt"):
         if other != store_type.value.lower() and f.has(other):
             raise PolicyError(f.at(other), f"does not belong to a store of type {store_type.value}")
@@ -329,13 +359,20 @@ def _parse_store(data: Any, path: str) -> StoreSpec:
             raise PolicyError(ref.at("name"), f"{name!r} is not a valid Secret name")
         secret_ref = SecretRef(name)
     if store_type is StoreType.S3:
-        return StoreSpec(store_type, s3=_parse_s3(f.data["s3"], f.at("s3")),
-                         credentials_secret_ref=secret_ref)
+        return StoreSpec(
+            store_type, s3=_parse_s3(f.data["s3"], f.at("s3")), credentials_secret_ref=secret_ref
+        )
     if store_type is StoreType.GLACIER:
-        return StoreSpec(store_type, glacier=_parse_glacier(f.data["glacier"], f.at("glacier")),
-                         credentials_secret_ref=secret_ref)
-    return StoreSpec(store_type, lilt=_parse_lilt(f.data.get("lilt"), f.at("lilt")),
-                     credentials_secret_ref=secret_ref)
+        return StoreSpec(
+            store_type,
+            glacier=_parse_glacier(f.data["glacier"], f.at("glacier")),
+            credentials_secret_ref=secret_ref,
+        )
+    return StoreSpec(
+        store_type,
+        lilt=_parse_lilt(f.data.get("lilt"), f.at("lilt")),
+        credentials_secret_ref=secret_ref,
+    )
 
 
 def _parse_match(data: Any, path: str) -> MatchSpec:
@@ -369,13 +406,15 @@ def parse_policy(document: Mapping[str, Any]) -> Policy:
         raise PolicyError("metadata.name", "is required")
     namespace = metadata.get("namespace") or "default"
     generation = metadata.get("generation")
-    return parse_spec(document.get("spec"), name=name, namespace=str(namespace),
-                      generation=generation if isinstance(generation, int) else None)
+    return parse_spec(
+        document.get("spec"),
+        name=name,
+        namespace=str(namespace),
+        generation=generation if isinstance(generation, int) else None,
+    )
 
 
-def parse_spec(
-    spec: Any, *, name: str, namespace: str, generation: int | None = None
-) -> Policy:
+def parse_spec(spec: Any, *, name: str, namespace: str, generation: int | None = None) -> Policy:
     """Parse the ``spec`` of a policy (the operator already has metadata from Kopf)."""
     if spec is None:
         raise PolicyError("spec", "is required")
@@ -389,13 +428,18 @@ def parse_spec(
     if interval < timedelta(seconds=10):
         raise PolicyError("spec.schedule.interval", "must be at least 10s")
     mode = Mode(f.choice("mode", [m.value for m in Mode], Mode.ABORT.value))
-    lim = _Fields(f.data.get("limits"), "spec.limits",
-                  ("maxAbortsPerSweep", "requestsPerSecond", "concurrency"))
+    lim = _Fields(
+        f.data.get("limits"),
+        "spec.limits",
+        ("maxAbortsPerSweep", "requestsPerSecond", "concurrency"),
+    )
     limits = Limits(
-        max_aborts_per_sweep=int(lim.number("maxAbortsPerSweep", 10000, low=0, high=10_000_000,
-                                            integer=True)),
-        requests_per_second=float(lim.number("requestsPerSecond", 100, low=0.1, high=10_000,
-                                             integer=False)),
+        max_aborts_per_sweep=int(
+            lim.number("maxAbortsPerSweep", 10000, low=0, high=10_000_000, integer=True)
+        ),
+        requests_per_second=float(
+            lim.number("requestsPerSecond", 100, low=0.1, high=10_000, integer=False)
+        ),
         concurrency=int(lim.number("concurrency", 16, low=1, high=256, integer=True)),
     )
     suspend = f.boolean("suspend", False)

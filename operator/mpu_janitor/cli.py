@@ -1,0 +1,293 @@
+"""The command line: one sweep or an inventory of a policy file, or the operator itself.
+
+Exit codes: 0 success, 1 the sweep had failures (or could not reach the store), 2 bad input
+(with a message that names the field), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import yaml
+
+from mpu_janitor import __version__
+from mpu_janitor.policy import KIND, Policy, PolicyError, parse_policy
+from mpu_janitor.stores import open_store
+from mpu_janitor.stores.base import StoreCredentials, StoreError
+from mpu_janitor.sweep import SweepResult, inventory, run_sweep
+
+EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def load_policy_file(path: str) -> Policy:
+    """Read the one UploadLifecyclePolicy of a YAML file (other kinds are skipped)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            documents = [d for d in yaml.safe_load_all(handle) if d is not None]
+    except FileNotFoundError:
+        raise PolicyError("-f", f"{path}: no such file") from None
+    except OSError as error:
+        raise PolicyError("-f", f"{path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise PolicyError("-f", f"{path} is not valid YAML: {error}") from None
+    policies = [d for d in documents if not isinstance(d, dict) or d.get("kind", KIND) == KIND]
+    if len(policies) != 1:
+        raise PolicyError("-f", f"{path} must hold exactly one {KIND}, found {len(policies)}")
+    return parse_policy(policies[0])
+
+
+def cli_credentials(policy: Policy) -> StoreCredentials | None:
+    """The CLI uses the standard AWS chain (env, profile, IRSA); LILT reads LILT_API_KEY."""
+    api_key = os.environ.get("LILT_API_KEY")
+    return StoreCredentials(api_key=api_key) if api_key else None
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self._lock = threading.Lock()
+
+    def __call__(self, result: SweepResult) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.stream.write(
+                f"\r{result.total('scanned')} scanned, {result.total('eligible')} eligible, "
+                f"{result.total('aborted')} aborted, {human_bytes(result.freed_bytes)} freed, "
+                f"{result.failed} failed\x1b[K"
+            )
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+def print_sweep(result: SweepResult, out: TextIO) -> None:
+    rows = [
+        [
+            "BUCKET",
+            "SCANNED",
+            "ELIGIBLE",
+            "ABORTED",
+            "ACTIVE",
+            "GONE",
+            "FAILED",
+            "FREED",
+            "REMAINING",
+        ]
+    ]
+    for name, stats in sorted(result.buckets.items()):
+        rows.append(
+            [
+                name,
+                str(stats.scanned),
+                str(stats.eligible),
+                str(stats.aborted),
+                str(stats.skipped_active),
+                str(stats.already_gone),
+                str(stats.failed),
+                human_bytes(stats.freed_bytes),
+                human_bytes(max(0, stats.incomplete_bytes - stats.freed_bytes)),
+            ]
+        )
+    print_table(rows, out)
+    summary = result.summary()
+    mode = "dry run: nothing aborted, " if result.dry_run else ""
+    out.write(
+        f"\n{result.namespace}/{result.policy}: {mode}{summary['scanned']} scanned, "
+        f"{summary['eligible']} eligible ({human_bytes(summary['eligibleBytes'])}), "
+        f"{summary['aborted']} aborted, {human_bytes(summary['freedBytes'])} freed, "
+        f"{summary['skippedActive']} active, {summary['alreadyGone']} already gone, "
+        f"{summary['failed']} failed in {result.duration_seconds:.1f}s\n"
+    )
+    for issue in result.issues:
+        where = f" [{issue.container}]" if issue.container else ""
+        out.write(f"error{where}: {issue.reason}: {issue.message}\n")
+
+
+def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    policy = load_policy_file(args.file)
+    if args.dry_run:
+        from dataclasses import replace
+
+        from mpu_janitor.policy import Mode
+
+        policy = replace(policy, mode=Mode.DRY_RUN)
+    store = open_store(policy.store, cli_credentials(policy))
+    progress = Progress(err)
+    cancel = threading.Event()
+    try:
+        result = run_sweep(policy, store, cancel=cancel, progress=progress)
+    except KeyboardInterrupt:
+        cancel.set()
+        progress.finish()
+        err.write("interrupted: uploads aborted so far stay aborted; run again to finish\n")
+        return EXIT_INTERRUPTED
+    finally:
+        store.close()
+    progress.finish()
+    if args.output == "json":
+        out.write(json.dumps(result.summary(), sort_keys=True) + "\n")
+    else:
+        print_sweep(result, out)
+    return EXIT_OK if result.ok else EXIT_FAILURES
+
+
+def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    policy = load_policy_file(args.file)
+    store = open_store(policy.store, cli_credentials(policy))
+    items: list[dict[str, Any]] = []
+    rows = [["BUCKET", "KEY", "UPLOAD ID", "AGE", "PARTS", "BYTES", "STATE"]]
+    try:
+        for item in inventory(policy, store):
+            state = "eligible" if item.eligible else ("active" if item.active else "young")
+            if args.output == "json":
+                items.append(
+                    {
+                        "bucket": item.upload.container,
+                        "key": item.upload.key,
+                        "uploadId": item.upload.upload_id,
+                        "initiated": item.upload.initiated.isoformat(),
+                        "ageSeconds": int(item.age.total_seconds()),
+                        "parts": item.part_count,
+                        "bytes": item.size_bytes,
+                        "state": state,
+                    }
+                )
+            else:
+                upload_id = item.upload.upload_id
+                rows.append(
+                    [
+                        item.upload.container,
+                        item.upload.key,
+                        upload_id if len(upload_id) <= 20 else upload_id[:17] + "...",
+                        human_age(item.age.total_seconds()),
+                        str(item.part_count),
+                        human_bytes(item.size_bytes),
+                        state,
+                    ]
+                )
+    except StoreError as error:
+        err.write(f"error: {error.reason}: {error}\n")
+        return EXIT_FAILURES
+    finally:
+        store.close()
+    if args.output == "json":
+        out.write(json.dumps({"uploads": items}) + "\n")
+    else:
+        print_table(rows, out)
+        out.write(f"\n{len(rows) - 1} incomplete uploads\n")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpu-janitor",
+        description="Find, abort and account for stale incomplete multipart uploads.",
+    )
+    parser.add_argument("--version", action="version", version=f"mpu-janitor {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log store calls")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sweep = commands.add_parser("sweep", help="run one sweep of a policy file")
+    sweep.add_argument("-f", "--file", required=True, help="an UploadLifecyclePolicy YAML file")
+    sweep.add_argument("--dry-run", action="store_true", help="count what would be freed only")
+    sweep.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    sweep.set_defaults(run=command_sweep)
+
+    listing = commands.add_parser("list", help="print the incomplete uploads a policy covers")
+    listing.add_argument("-f", "--file", required=True, help="an UploadLifecyclePolicy YAML file")
+    listing.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    listing.set_defaults(run=command_list)
+
+    operator = commands.add_parser("operator", help="run the Kubernetes operator")
+    scope = operator.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="watch policies in every namespace (the default)",
+    )
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable)",
+    )
+    operator.add_argument("--metrics-address", default="0.0.0.0")
+    operator.add_argument("--metrics-port", type=int, default=8080)
+    peering = operator.add_mutually_exclusive_group()
+    peering.add_argument("--peering", help="Kopf peering name: one replica sweeps, others wait")
+    peering.add_argument("--standalone", action="store_true", help="no peering (one replica)")
+    operator.set_defaults(run=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "operator":
+        from mpu_janitor.handlers import run_operator
+
+        return run_operator(
+            namespaces=args.namespace,
+            metrics_address=args.metrics_address,
+            metrics_port=args.metrics_port,
+            peering=None if args.standalone else args.peering,
+            verbose=args.verbose,
+        )
+    try:
+        code: int = args.run(args, sys.stdout, sys.stderr)
+        return code
+    except PolicyError as error:
+        sys.stderr.write(f"error: invalid policy: {error}\n")
+        return EXIT_BAD_INPUT
+    except StoreError as error:
+        sys.stderr.write(f"error: {error.reason}: {error}\n")
+        return EXIT_FAILURES
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

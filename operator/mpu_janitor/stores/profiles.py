@@ -1,0 +1,40 @@
+"""S3 provider profiles (quirks as data, from profiles.yaml beside this file)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import yaml
+
+
+@dataclass(frozen=True)
+class S3Profile:
+    name: str
+    addressing_style: str
+    prefix_is_exact_key: bool
+    aws_checksums: bool
+    directory_buckets: bool
+    bucket_suffix_regex: str | None = None
+    self_expiry: str | None = None
+
+    def bucket_name_problem(self, bucket: str) -> str | None:
+        """Why this provider would reject the bucket name, or None."""
+        if self.bucket_suffix_regex and not re.search(self.bucket_suffix_regex, bucket):
+            return (
+                f"{bucket!r} does not match {self.bucket_suffix_regex!r} required by {self.name} "
+                "(Tencent COS bucket names end with the APPID, e.g. uploads-1250000000)"
+            )
+        return None
+
+
+@functools.cache
+def load_profiles() -> dict[str, S3Profile]:
+    text = resources.files("mpu_janitor.stores").joinpath("profiles.yaml").read_text("utf-8")
+    return {name: S3Profile(name=name, **flags) for name, flags in yaml.safe_load(text).items()}
+
+
+def profile(name: str) -> S3Profile:
+    return load_profiles()[name]

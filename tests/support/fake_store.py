@@ -1,0 +1,97 @@
+"""An in-memory Store for engine unit tests: scripted clocks, failures and slow aborts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from mpu_janitor.stores.base import (
+    PartsSummary,
+    Throttled,
+    Upload,
+    UploadGone,
+    UploadPage,
+    UploadReplaced,
+)
+
+SERVER_NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class FakeUpload:
+    upload: Upload
+    part_sizes: list[int]
+    newest_part: datetime | None
+    aborts_needed: int = 1  # aborts before the parts listing stops showing it
+    replaced: bool = False
+
+
+@dataclass
+class FakeStore:
+    kind: str = "S3"
+    target_id: str = "fake:1"
+    page_size: int = 1000
+    server_now: datetime = SERVER_NOW
+    uploads: dict[str, FakeUpload] = field(default_factory=dict)
+    throttle_next: int = 0  # the next N calls raise Throttled
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    yielded: int = 0
+    forgotten: list[str] = field(default_factory=list)
+
+    def add(self, key: str, *, age: timedelta, parts: Sequence[int] = (100,),
+            last_part_age: timedelta | None = None, container: str = "bucket",
+            aborts_needed: int = 1) -> Upload:
+        upload = Upload(container, key, f"id-{len(self.uploads)}", self.server_now - age)
+        newest = self.server_now - (last_part_age if last_part_age is not None else age)
+        self.uploads[upload.upload_id] = FakeUpload(upload, list(parts), newest if parts else None,
+                                                    aborts_needed)
+        return upload
+
+    def _throttle(self) -> None:
+        with self.lock:
+            if self.throttle_next > 0:
+                self.throttle_next -= 1
+                raise Throttled("SlowDown")
+
+    def containers(self) -> list[str]:
+        return sorted({u.upload.container for u in self.uploads.values()}) or ["bucket"]
+
+    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+        items = [u.upload for u in list(self.uploads.values()) if u.upload.container == container]
+        for start in range(0, len(items), self.page_size):
+            page = items[start:start + self.page_size]
+            with self.lock:
+                self.yielded += len(page)
+            yield UploadPage(page, self.server_now)
+
+    def measure(self, upload: Upload) -> PartsSummary:
+        self._throttle()
+        with self.lock:
+            self.calls.append(("measure", upload.key))
+            entry = self.uploads.get(upload.upload_id)
+        if entry is None:
+            raise UploadGone(upload.key)
+        return PartsSummary(sum(entry.part_sizes), len(entry.part_sizes), entry.newest_part,
+                            self.server_now)
+
+    def abort(self, upload: Upload) -> None:
+        self._throttle()
+        with self.lock:
+            self.calls.append(("abort", upload.key))
+            entry = self.uploads.get(upload.upload_id)
+            if entry is None:
+                raise UploadGone(upload.key)
+            if entry.replaced:
+                raise UploadReplaced(upload.key)
+            entry.aborts_needed -= 1
+            if entry.aborts_needed <= 0:
+                del self.uploads[upload.upload_id]
+
+    def forget(self, upload: Upload) -> None:
+        self.forgotten.append(upload.key)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,176 @@
+"""The policy model: durations, defaults, and a clear error naming the field for bad input."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from mpu_janitor.policy import Mode, PolicyError, StoreType, parse_duration, parse_policy
+
+BASE: dict[str, Any] = {
+    "apiVersion": "mpu-janitor.dev/v1alpha1",
+    "kind": "UploadLifecyclePolicy",
+    "metadata": {"name": "stale", "namespace": "media"},
+    "spec": {
+        "store": {
+            "type": "S3",
+            "s3": {"endpoint": "http://127.0.0.1:9000", "profile": "MinIO", "buckets": ["uploads"]},
+        },
+        "match": {"olderThan": "7d"},
+    },
+}
+
+
+def with_spec(path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    node = doc["spec"]
+    *parents, leaf = path.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    if value is DELETE:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return doc
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90m", timedelta(minutes=90)),
+        ("36h", timedelta(hours=36)),
+        ("7d", timedelta(days=7)),
+        ("1d12h", timedelta(days=1, hours=12)),
+        ("2w", timedelta(weeks=2)),
+        ("1w2d3h4m5s", timedelta(weeks=1, days=2, hours=3, minutes=4, seconds=5)),
+        ("0s", timedelta(0)),
+    ],
+)
+def test_durations(text: str, expected: timedelta) -> None:
+    assert parse_duration(text, "x") == expected
+
+
+@pytest.mark.parametrize("text", ["7", "7 days", "1h1d", "d", "", "1.5h", "-1h", "1y", "1h 30m"])
+def test_bad_durations_name_the_field(text: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_duration(text, "spec.match.olderThan")
+    assert info.value.field == "spec.match.olderThan"
+    assert "duration" in str(info.value)
+
+
+def test_defaults() -> None:
+    policy = parse_policy(BASE)
+    assert policy.name == "stale" and policy.namespace == "media"
+    assert policy.store.type is StoreType.S3
+    assert policy.store.s3 is not None and policy.store.s3.region == "us-east-1"
+    assert policy.match.older_than == timedelta(days=7)
+    assert policy.match.quiet_period == timedelta(hours=1)
+    assert policy.interval == timedelta(hours=1)
+    assert policy.mode is Mode.ABORT and not policy.dry_run
+    assert policy.limits.max_aborts_per_sweep == 10000
+    assert policy.limits.requests_per_second == 100
+    assert policy.limits.concurrency == 16
+    assert policy.suspend is False
+
+
+def test_profile_defaults_to_aws_without_endpoint_and_generic_with_one() -> None:
+    doc = with_spec("store.s3", {"buckets": ["b-1"]})
+    policy = parse_policy(doc)
+    assert policy.store.s3 is not None and policy.store.s3.profile == "AWS"
+    doc = with_spec("store.s3", {"buckets": ["b-1"], "endpoint": "https://s3.example:443"})
+    policy = parse_policy(doc)
+    assert policy.store.s3 is not None and policy.store.s3.profile == "Generic"
+
+
+def test_key_matching_prefixes_and_globs() -> None:
+    doc = with_spec("match", {"olderThan": "1d", "prefixes": ["tmp/", "ingest/"],
+                              "excludeKeyGlobs": ["*.keep", "tmp/pinned/*"]})
+    match = parse_policy(doc).match
+    assert match.matches_key("tmp/a.bin")
+    assert match.matches_key("ingest/x/y")
+    assert not match.matches_key("other/a.bin")
+    assert not match.matches_key("tmp/a.keep")
+    assert not match.matches_key("tmp/pinned/a.bin")
+    # Globs are globs, not regexes: a dot is a dot.
+    doc = with_spec("match", {"olderThan": "1d", "excludeKeyGlobs": ["a.b"]})
+    assert parse_policy(doc).match.matches_key("axb")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field", "words"),
+    [
+        ("store.type", "Azure", "spec.store.type", "not one of"),
+        ("store.type", DELETE, "spec.store.type", "required"),
+        ("store.s3.profile", "minio", "spec.store.s3.profile", "not one of"),
+        ("store.s3.buckets", ["Bad_Bucket"], "spec.store.s3.buckets[0]", "bucket name"),
+        ("store.s3.buckets", DELETE, "spec.store.s3.buckets", "exactly one"),
+        ("store.s3.bucketPattern", "up*", "spec.store.s3.buckets", "exactly one"),
+        ("store.s3.endpoint", "minio:9000", "spec.store.s3.endpoint", "http"),
+        ("store.s3.expectedBucketOwner", "12", "spec.store.s3.expectedBucketOwner", "12-digit"),
+        ("store.s3.requestPayer", "requester", "spec.store.s3.requestPayer", "not one of"),
+        ("store.s3.bucket", ["x"], "spec.store.s3.bucket", "unknown field"),
+        ("store.glacier", {"vaults": ["v"]}, "spec.store.glacier", "does not belong"),
+        ("store.credentialsSecretRef", {"name": "Bad Name"},
+         "spec.store.credentialsSecretRef.name", "Secret name"),
+        ("match.olderThan", DELETE, "spec.match.olderThan", "required"),
+        ("match.olderThan", "7 days", "spec.match.olderThan", "duration"),
+        ("match.olderThan", "0s", "spec.match.olderThan", "longer than zero"),
+        ("match.quietPeriod", "soon", "spec.match.quietPeriod", "duration"),
+        ("match.prefixes", "tmp/", "spec.match.prefixes", "list"),
+        ("match.excludeKeyGlobs", ["", "x"], "spec.match.excludeKeyGlobs[0]", "non-empty"),
+        ("mode", "abort", "spec.mode", "not one of"),
+        ("schedule.interval", "1s", "spec.schedule.interval", "at least"),
+        ("limits.concurrency", 0, "spec.limits.concurrency", "between"),
+        ("limits.concurrency", 2.5, "spec.limits.concurrency", "whole number"),
+        ("limits.requestsPerSecond", -1, "spec.limits.requestsPerSecond", "between"),
+        ("limits.maxAbortsPerSweep", "many", "spec.limits.maxAbortsPerSweep", "number"),
+        ("suspend", "yes", "spec.suspend", "true or false"),
+    ],
+)
+def test_invalid_fields_are_named(path: str, value: Any, field: str, words: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(with_spec(path, value))
+    assert info.value.field == field
+    assert words in str(info.value)
+    assert str(info.value).startswith(field + ":")
+
+
+def test_tencent_cos_bucket_needs_appid_suffix() -> None:
+    doc = with_spec("store.s3", {"endpoint": "https://cos.ap-guangzhou.myqcloud.com",
+                                 "profile": "TencentCOS", "buckets": ["uploads"]})
+    with pytest.raises(PolicyError) as info:
+        parse_policy(doc)
+    assert info.value.field == "spec.store.s3.buckets[0]"
+    assert "APPID" in str(info.value)
+    doc["spec"]["store"]["s3"]["buckets"] = ["uploads-1250000000"]
+    assert parse_policy(doc).store.s3 is not None
+
+
+def test_document_level_errors() -> None:
+    with pytest.raises(PolicyError, match="apiVersion"):
+        parse_policy({**BASE, "apiVersion": "v1"})
+    with pytest.raises(PolicyError, match="kind"):
+        parse_policy({**BASE, "kind": "Secret"})
+    with pytest.raises(PolicyError, match=r"metadata\.name"):
+        parse_policy({**BASE, "metadata": {}})
+    with pytest.raises(PolicyError, match=r"^spec: is required"):
+        parse_policy({k: v for k, v in BASE.items() if k != "spec"})
+
+
+def test_glacier_and_lilt() -> None:
+    doc = with_spec("store", {"type": "Glacier", "glacier": {"vaults": ["photos"]}})
+    policy = parse_policy(doc)
+    assert policy.store.glacier is not None
+    assert policy.store.glacier.account_id == "-"
+    doc = with_spec("store", {"type": "Glacier", "glacier": {"vaults": []}})
+    with pytest.raises(PolicyError, match=r"spec\.store\.glacier\.vaults"):
+        parse_policy(doc)
+    doc = with_spec("store", {"type": "LILT", "lilt": {"inventoryPath": "/var/lib/x.jsonl"}})
+    policy = parse_policy(doc)
+    assert policy.store.lilt is not None and policy.store.lilt.endpoint == "https://api.lilt.com"

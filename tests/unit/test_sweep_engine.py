@@ -1,0 +1,230 @@
+"""The sweep engine's safety contract (DESIGN section 3) on an in-memory store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.support.fake_store import FakeStore
+
+from mpu_janitor.policy import Mode, parse_policy
+from mpu_janitor.stores.base import StoreUnreachable, Upload
+from mpu_janitor.sweep import TargetLocks, run_sweep
+
+H = timedelta(hours=1)
+
+
+def policy(**spec: Any) -> Any:
+    base: dict[str, Any] = {
+        "store": {"type": "S3", "s3": {"buckets": ["bucket"]}},
+        "match": {"olderThan": "1d", "quietPeriod": "1h"},
+        "limits": {"requestsPerSecond": 10000, "concurrency": 4},
+    }
+    for key, value in spec.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_policy({"metadata": {"name": "p", "namespace": "ns"}, "spec": base})
+
+
+def test_ages_use_the_store_clock_not_ours() -> None:
+    # The store's clock is in 2030; ours is years behind. Only the store's ages count.
+    store = FakeStore()
+    store.add("old", age=25 * H)
+    store.add("young", age=23 * H)
+    result = run_sweep(policy(), store)
+    assert result.total("aborted") == 1
+    assert [u.upload.key for u in store.uploads.values()] == ["young"]
+    assert result.buckets["bucket"].oldest_age_seconds == 25 * 3600
+    # And a store clock *behind* ours never makes an upload look older than it is.
+    store = FakeStore(server_now=datetime(2001, 1, 1, tzinfo=UTC))
+    store.add("young", age=2 * H)
+    assert run_sweep(policy(), store).total("aborted") == 0
+
+
+def test_freed_bytes_are_exact_and_only_for_verified_aborts() -> None:
+    store = FakeStore()
+    store.add("a", age=48 * H, parts=[5, 7, 11])
+    store.add("b", age=48 * H, parts=[1000])
+    store.add("stubborn", age=48 * H, parts=[64], aborts_needed=99)
+    result = run_sweep(policy(), store)
+    summary = result.summary()
+    assert summary["aborted"] == 2
+    assert summary["freedBytes"] == 5 + 7 + 11 + 1000
+    assert summary["failed"] == 1
+    assert summary["eligibleBytes"] == 5 + 7 + 11 + 1000 + 64
+    assert summary["remainingBytes"] == 64
+    assert [c for c in store.calls if c == ("abort", "stubborn")] == [("abort", "stubborn")] * 3
+    assert result.reason == "PartialFailure"
+    assert store.forgotten == sorted(store.forgotten) and set(store.forgotten) == {"a", "b"}
+
+
+def test_an_abort_that_needs_repeating_is_repeated_and_counted_once() -> None:
+    store = FakeStore()
+    store.add("twice", age=48 * H, parts=[10, 20], aborts_needed=2)
+    result = run_sweep(policy(), store)
+    assert result.total("aborted") == 1
+    assert result.freed_bytes == 30
+    assert result.failed == 0
+    assert store.calls.count(("abort", "twice")) == 2
+
+
+def test_quiet_period_protects_active_uploads() -> None:
+    store = FakeStore()
+    store.add("active", age=48 * H, parts=[1, 2], last_part_age=timedelta(minutes=10))
+    store.add("quiet", age=48 * H, parts=[1, 2], last_part_age=2 * H)
+    result = run_sweep(policy(), store)
+    assert result.total("skipped_active") == 1
+    assert result.total("aborted") == 1
+    assert [u.upload.key for u in store.uploads.values()] == ["active"]
+
+
+def test_dry_run_changes_nothing_and_predicts_the_real_sweep() -> None:
+    store = FakeStore()
+    for index in range(5):
+        store.add(f"k{index}", age=48 * H, parts=[index + 1])
+    store.add("new", age=H)
+    dry = run_sweep(replace(policy(), mode=Mode.DRY_RUN), store)
+    assert len(store.uploads) == 6
+    assert not [c for c in store.calls if c[0] == "abort"]
+    assert dry.total("aborted") == 0 and dry.freed_bytes == 0
+    real = run_sweep(policy(), store)
+    assert real.freed_bytes == dry.total("eligible_bytes") == 15
+    assert real.total("aborted") == dry.total("eligible") == 5
+
+
+def test_abort_cap_defers_the_rest() -> None:
+    store = FakeStore()
+    for index in range(5):
+        store.add(f"k{index}", age=48 * H)
+    result = run_sweep(policy(limits={"maxAbortsPerSweep": 2}), store)
+    assert result.total("aborted") == 2
+    assert result.total("deferred") == 3
+    assert len(store.uploads) == 3
+
+
+def test_prefixes_and_globs_are_never_touched() -> None:
+    store = FakeStore()
+    store.add("tmp/a", age=48 * H)
+    store.add("tmp/a.keep", age=48 * H)
+    store.add("other/a", age=48 * H)
+    result = run_sweep(policy(match={"prefixes": ["tmp/"], "excludeKeyGlobs": ["*.keep"]}), store)
+    assert result.total("scanned") == 1
+    touched = {key for _, key in store.calls}
+    assert touched == {"tmp/a"}
+
+
+def test_replaced_upload_is_skipped() -> None:
+    store = FakeStore()
+    upload = store.add("k", age=48 * H)
+    store.uploads[upload.upload_id].replaced = True
+    result = run_sweep(policy(), store)
+    assert result.total("replaced") == 1
+    assert result.total("aborted") == 0 and result.freed_bytes == 0
+    assert result.ok
+
+
+def test_throttling_slows_down_instead_of_failing() -> None:
+    store = FakeStore()
+    for index in range(3):
+        store.add(f"k{index}", age=48 * H)
+    store.throttle_next = 3
+    result = run_sweep(policy(), store)
+    assert result.ok, result.issues
+    assert result.total("aborted") == 3
+
+
+def test_upload_gone_before_measure_or_abort_is_already_gone() -> None:
+    store = FakeStore()
+    vanishing = store.add("vanishing", age=48 * H)
+    original_abort = store.abort
+
+    def racing_abort(upload: Upload) -> None:
+        if upload.key == "vanishing":
+            store.uploads.pop(vanishing.upload_id, None)  # someone else aborted it
+        original_abort(upload)
+
+    store.abort = racing_abort  # type: ignore[method-assign]
+    result = run_sweep(policy(), store)
+    assert result.total("already_gone") == 1
+    assert result.total("aborted") == 0 and result.freed_bytes == 0
+
+
+def test_a_store_error_on_one_upload_never_stops_the_others() -> None:
+    store = FakeStore()
+    store.add("bad", age=48 * H)
+    store.add("good", age=48 * H)
+    original = store.measure
+
+    def flaky(upload: Upload) -> Any:
+        if upload.key == "bad":
+            raise StoreUnreachable("connection reset")
+        return original(upload)
+
+    store.measure = flaky  # type: ignore[method-assign]
+    result = run_sweep(policy(), store)
+    assert result.failed == 1
+    assert result.total("aborted") == 1
+    assert result.issues[0].reason == "StoreUnreachable"
+
+
+def test_listing_is_streamed_with_bounded_work_in_flight() -> None:
+    store = FakeStore(page_size=100)
+    for index in range(2000):
+        store.add(f"k{index:05}", age=H)  # young: measured, not aborted
+    seen_ahead: list[int] = []
+    measure = store.measure
+
+    def tracking(upload: Upload) -> Any:
+        seen_ahead.append(store.yielded - len([c for c in store.calls if c[0] == "measure"]))
+        return measure(upload)
+
+    store.measure = tracking  # type: ignore[method-assign]
+    result = run_sweep(policy(limits={"concurrency": 4}), store)
+    assert result.total("scanned") == 2000
+    # Never more than one page plus the in-flight window ahead of the workers.
+    assert max(seen_ahead) <= 100 + 4 * 2 + 4
+
+
+def test_cancel_stops_between_uploads_promptly() -> None:
+    store = FakeStore()
+    for index in range(500):
+        store.add(f"k{index}", age=48 * H)
+    cancel = threading.Event()
+    pol = policy(limits={"requestsPerSecond": 50, "concurrency": 2})
+    timer = threading.Timer(0.5, cancel.set)
+    timer.start()
+    started = time.monotonic()
+    result = run_sweep(pol, store, cancel=cancel)
+    elapsed = time.monotonic() - started
+    assert result.cancelled
+    assert result.reason == "SweepCancelled"
+    assert 0 < result.total("aborted") < 500
+    assert elapsed < 10  # stopped well before the ~20 s a full sweep takes at 50 rps
+
+
+def test_two_sweeps_of_one_target_never_overlap() -> None:
+    locks = TargetLocks()
+    active = 0
+    overlap = []
+
+    class SlowStore(FakeStore):
+        def list_uploads(self, container: str, prefixes: Any) -> Any:
+            nonlocal active
+            active += 1
+            overlap.append(active)
+            time.sleep(0.3)
+            yield from super().list_uploads(container, prefixes)
+            active -= 1
+
+    stores = [SlowStore(), SlowStore()]
+    for s in stores:
+        s.add("k", age=48 * H)
+    threads = [threading.Thread(target=run_sweep, args=(policy(), s), kwargs={"locks": locks})
+               for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlap) == 1
