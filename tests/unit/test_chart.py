@@ -1,0 +1,533 @@
+"""The Helm chart, rendered by the real helm: lint, the objects it makes, and its guards.
+
+helm is built by scripts/build-binaries.sh into $MPU_JANITOR_BIN_DIR; a missing helm fails
+these tests (it is never skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from mpu_janitor.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "mpu-janitor"
+RELEASE, NAMESPACE = "janitor", "ops"
+FULLNAME = "janitor-mpu-janitor"
+
+# Every optional feature switched on.
+ALL_FEATURES: dict[str, Any] = {
+    "replicaCount": 2,
+    "peering": {"enabled": True},
+    "image": {"digest": "sha256:" + "a" * 64},
+    "imagePullSecrets": [{"name": "registry"}],
+    "operator": {"verbose": True, "extraArgs": ["--some-flag"]},
+    "serviceAccount": {
+        "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/janitor"}
+    },
+    "podAnnotations": {"example.com/a": "b"},
+    "priorityClassName": "storage-critical",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "storage", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+    "extraEnv": [{"name": "AWS_CA_BUNDLE", "value": "/etc/ca/ca.pem"}],
+    "extraEnvFrom": [{"configMapRef": {"name": "proxy"}}],
+    "extraVolumes": [{"name": "ca", "configMap": {"name": "ca"}}],
+    "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ca", "readOnly": True}],
+    "serviceMonitor": {
+        "enabled": True,
+        "interval": "30s",
+        "additionalLabels": {"release": "kube-prometheus-stack"},
+    },
+    "prometheusRule": {"enabled": True, "runbookBaseUrl": "https://example.com/runbooks"},
+    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Storage"}},
+}
+
+POLICY_RULES = [
+    {
+        "apiGroups": ["mpu-janitor.dev"],
+        "resources": ["uploadlifecyclepolicies"],
+        "verbs": ["get", "list", "watch"],
+    },
+    {
+        "apiGroups": ["mpu-janitor.dev"],
+        "resources": ["uploadlifecyclepolicies/status"],
+        "verbs": ["get", "patch", "update"],
+    },
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+]
+CRD_DISCOVERY = {
+    "apiGroups": ["apiextensions.k8s.io"],
+    "resources": ["customresourcedefinitions"],
+    "verbs": ["list", "watch"],
+}
+NAMESPACE_WATCH = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+PEERING_VERBS = ["get", "list", "watch", "patch"]
+
+ALERTS = {
+    "MpuJanitorSweepsStale",
+    "MpuJanitorAbortsFailing",
+    "MpuJanitorIncompleteBytesHigh",
+    "MpuJanitorEligibleUploadsPersist",
+    "MpuJanitorOperatorAbsent",
+}
+METRICS = {
+    "incomplete_uploads",
+    "incomplete_upload_bytes",
+    "eligible_uploads",
+    "eligible_upload_bytes",
+    "oldest_incomplete_upload_age_seconds",
+    "last_successful_sweep_timestamp_seconds",
+    "policy_interval_seconds",
+    "policy_older_than_seconds",
+    "aborted_uploads_total",
+    "freed_bytes_total",
+    "store_requests_total",
+    "sweep_errors_total",
+    "sweep_duration_seconds_bucket",
+    "sweep_duration_seconds_sum",
+    "sweep_duration_seconds_count",
+    "build_info",
+}
+
+
+def helm_binary() -> Path:
+    candidates = [Path.home() / ".cache" / "mpu-janitor" / "bin" / "helm"]
+    if os.environ.get("MPU_JANITOR_BIN_DIR"):
+        candidates.insert(0, Path(os.environ["MPU_JANITOR_BIN_DIR"]) / "helm")
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail(f"helm not found at {candidates}: run scripts/build-binaries.sh helm")
+
+
+def helm(
+    *args: str, values: dict[str, Any] | None = None, tmp_path: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [str(helm_binary()), *args]
+    if values is not None:
+        assert tmp_path is not None
+        values_file = tmp_path / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        command += ["-f", str(values_file)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def render(
+    tmp_path: Path, values: dict[str, Any] | None = None, *extra: str
+) -> list[dict[str, Any]]:
+    result = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        *extra,
+        values=values or {},
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def render_error(tmp_path: Path, values: dict[str, Any] | None = None, *extra: str) -> str:
+    result = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        *extra,
+        values=values or {},
+        tmp_path=tmp_path,
+    )
+    assert result.returncode != 0, "the chart rendered, but should have refused"
+    return result.stderr
+
+
+def only(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"{len(found)} {kind} objects named {name}"
+    return found[0]
+
+
+def kinds(objects: list[dict[str, Any]]) -> list[str]:
+    return sorted(o["kind"] for o in objects)
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (operator,) = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return dict(operator)
+
+
+def parsed_args(objects: list[dict[str, Any]]) -> Any:
+    """The container's command line as the operator's own CLI parses it."""
+    operator = container(objects)
+    assert operator["command"] == ["mpu-janitor"]
+    return build_parser().parse_args(operator["args"])
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_lint_with_defaults_and_with_every_feature(tmp_path: Path) -> None:
+    for values in ({}, ALL_FEATURES):
+        result = helm("lint", "--strict", str(CHART), values=values, tmp_path=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+def test_defaults_render_the_minimum(tmp_path: Path) -> None:
+    objects = render(tmp_path)
+    assert kinds(objects) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    for o in objects:
+        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert o["metadata"]["namespace"] == NAMESPACE
+        assert o["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+
+
+def test_deployment_defaults(tmp_path: Path) -> None:
+    objects = render(tmp_path)
+    deployment = only(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == FULLNAME
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    operator = container(objects)
+    assert operator["image"] == "ghcr.io/mpu-janitor/mpu-janitor:0.1.0"
+    security = operator["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["privileged"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert operator["ports"] == [{"name": "http-metrics", "containerPort": 8080, "protocol": "TCP"}]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert operator[probe]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert set(operator["resources"]) == {"requests", "limits"}
+    assert {"cpu", "memory"} <= set(operator["resources"]["requests"])
+    assert "memory" in operator["resources"]["limits"]
+    # The root filesystem is read-only: /tmp is a volume.
+    assert {"name": "tmp", "mountPath": "/tmp"} in operator["volumeMounts"]
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
+        operator["env"]
+    )
+    args = parsed_args(objects)
+    assert args.command == "operator"
+    assert args.all_namespaces is True and args.namespace == []
+    assert args.metrics_address == "0.0.0.0" and args.metrics_port == 8080
+    assert args.standalone is True and args.peering is None
+    assert args.verbose is False
+    service = only(objects, "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "http-metrics", "port": 8080, "targetPort": "http-metrics", "protocol": "TCP"}
+    ]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_cluster_wide_rbac_is_exact(tmp_path: Path) -> None:
+    objects = render(tmp_path)
+    role = only(objects, "ClusterRole")
+    assert role["rules"] == [*POLICY_RULES, CRD_DISCOVERY, NAMESPACE_WATCH]
+    binding = only(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": FULLNAME,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+    ]
+
+
+def test_every_rbac_rule_is_commented(tmp_path: Path) -> None:
+    result = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "peering.enabled=true",
+        "--set",
+        "watchNamespaces={a}",
+    )
+    assert result.returncode == 0, result.stderr
+    for values in ([], ["--set", "peering.enabled=true"]):
+        text = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *values).stdout
+        for rendered in (text, result.stdout):
+            lines = [line.strip() for line in rendered.splitlines()]
+            rules = [i for i, line in enumerate(lines) if line.startswith("- apiGroups:")]
+            assert rules
+            for index in rules:
+                assert lines[index - 1].startswith("#"), (
+                    f"uncommented rule: {lines[index : index + 3]}"
+                )
+
+
+def test_namespaced_mode_uses_roles(tmp_path: Path) -> None:
+    objects = render(tmp_path, {"watchNamespaces": ["media", "backup"]})
+    roles = [o for o in objects if o["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["backup", "media"]
+    for role in roles:
+        assert role["rules"] == POLICY_RULES
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["backup", "media"]
+    for binding in bindings:
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+        ]
+    # Cluster-wide, only reading CRDs is left: no Secrets, no namespaces.
+    cluster_role = only(objects, "ClusterRole")
+    assert cluster_role["metadata"]["name"] == f"{FULLNAME}-crd-discovery"
+    assert cluster_role["rules"] == [CRD_DISCOVERY]
+    assert only(objects, "ClusterRoleBinding")["roleRef"]["name"] == f"{FULLNAME}-crd-discovery"
+    args = parsed_args(objects)
+    assert args.namespace == ["media", "backup"] and args.all_namespaces is False
+
+
+def test_more_replicas_need_peering(tmp_path: Path) -> None:
+    error = render_error(tmp_path, {"replicaCount": 2})
+    assert "replicaCount is 2" in error and "peering.enabled=true" in error
+    objects = render(tmp_path, {"replicaCount": 2, "peering": {"enabled": True}})
+    assert only(objects, "Deployment")["spec"]["replicas"] == 2
+    args = parsed_args(objects)
+    assert args.peering == FULLNAME and args.standalone is False
+    peering = only(objects, "ClusterKopfPeering")
+    assert peering["apiVersion"] == "kopf.dev/v1"
+    assert peering["metadata"]["name"] == FULLNAME
+    assert only(objects, "ClusterRole")["rules"][-1] == {
+        "apiGroups": ["kopf.dev"],
+        "resources": ["clusterkopfpeerings"],
+        "verbs": PEERING_VERBS,
+    }
+
+
+def test_namespaced_peering(tmp_path: Path) -> None:
+    objects = render(
+        tmp_path,
+        {"watchNamespaces": ["media", "backup"], "peering": {"enabled": True, "name": "janitors"}},
+    )
+    peerings = [o for o in objects if o["kind"] == "KopfPeering"]
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
+        ("backup", "janitors"),
+        ("media", "janitors"),
+    ]
+    assert not [o for o in objects if o["kind"] == "ClusterKopfPeering"]
+    for role in (o for o in objects if o["kind"] == "Role"):
+        assert role["rules"] == [
+            *POLICY_RULES,
+            {
+                "apiGroups": ["kopf.dev"],
+                "resources": ["kopfpeerings"],
+                "verbs": PEERING_VERBS,
+            },
+        ]
+    assert parsed_args(objects).peering == "janitors"
+
+
+def test_values_schema_rejects_a_typo(tmp_path: Path) -> None:
+    error = render_error(tmp_path, {"replicaCont": 2})
+    assert "values don't meet the specifications of the schema" in error
+    assert "replicaCont" in error
+    nested = render_error(tmp_path, {"serviceMonitor": {"enabeld": True}})
+    assert "enabeld" in nested
+
+
+def test_values_schema_rejects_a_wrong_type(tmp_path: Path) -> None:
+    error = render_error(tmp_path, {"replicaCount": "two"})
+    assert "replicaCount" in error
+    assert re.search(r"expected integer|want integer|got string", error), error
+    error = render_error(tmp_path, {"watchNamespaces": "media"})
+    assert "watchNamespaces" in error
+
+
+def test_values_schema_covers_every_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(values, schema)
+
+    def paths(value: Any, node: dict[str, Any], prefix: str) -> Iterator[str]:
+        if isinstance(value, dict) and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{prefix or '.'} is open"
+            assert set(value) <= set(node["properties"]), prefix
+            missing = set(node["properties"]) - set(value) - {"global", "rollingUpdate"}
+            assert not missing, f"schema-only values under {prefix or '.'}: {missing}"
+            for key, child in value.items():
+                yield from paths(child, node["properties"][key], f"{prefix}.{key}")
+        else:
+            assert node.get("description"), f"{prefix} has no description"
+            yield prefix
+
+    assert len(list(paths(values, schema, ""))) > 50
+
+
+def test_every_feature_on(tmp_path: Path) -> None:
+    objects = render(tmp_path, ALL_FEATURES)
+    deployment = only(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    operator = container(objects)
+    assert operator["image"] == "ghcr.io/mpu-janitor/mpu-janitor@sha256:" + "a" * 64
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["priorityClassName"] == "storage-critical"
+    assert pod["nodeSelector"] == ALL_FEATURES["nodeSelector"]
+    assert pod["tolerations"] == ALL_FEATURES["tolerations"]
+    assert pod["affinity"] == ALL_FEATURES["affinity"]
+    assert {"name": "ca", "configMap": {"name": "ca"}} in pod["volumes"]
+    assert ALL_FEATURES["extraVolumeMounts"][0] in operator["volumeMounts"]
+    assert ALL_FEATURES["extraEnv"][0] in operator["env"]
+    assert operator["envFrom"] == ALL_FEATURES["extraEnvFrom"]
+    assert deployment["spec"]["template"]["metadata"]["annotations"] == {"example.com/a": "b"}
+    assert operator["args"][-1] == "--some-flag"
+    args = build_parser().parse_args(operator["args"][:-1])
+    assert args.verbose is True and args.peering == FULLNAME
+    account = only(objects, "ServiceAccount")
+    assert account["metadata"]["annotations"] == ALL_FEATURES["serviceAccount"]["annotations"]
+
+    monitor = only(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"]
+        == (deployment["spec"]["selector"]["matchLabels"])
+    )
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "http-metrics", "path": "/metrics", "honorLabels": True, "interval": "30s"}
+    ]
+
+    rule = only(objects, "PrometheusRule")
+    (group,) = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    assert set(alerts) == ALERTS
+    for name, alert in alerts.items():
+        assert alert["labels"]["severity"] in ("critical", "warning")
+        assert alert["annotations"]["summary"] and alert["annotations"]["description"]
+        assert alert["annotations"]["runbook_url"] == (
+            f"https://example.com/runbooks#{name.lower()}"
+        )
+        assert alert["for"]
+    assert alerts["MpuJanitorOperatorAbsent"]["labels"]["severity"] == "critical"
+    assert (
+        f'job="{FULLNAME}", namespace="{NAMESPACE}"' in (alerts["MpuJanitorOperatorAbsent"]["expr"])
+    )
+    assert "> 107374182400" in alerts["MpuJanitorIncompleteBytesHigh"]["expr"]
+
+    dashboard = only(objects, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Storage"}
+    assert json.loads(dashboard["data"]["mpu-janitor.json"]) == json.loads(
+        (CHART / "dashboards" / "mpu-janitor.json").read_text()
+    )
+
+
+def test_monitoring_objects_only_when_enabled(tmp_path: Path) -> None:
+    switches = {
+        "serviceMonitor": "ServiceMonitor",
+        "prometheusRule": "PrometheusRule",
+        "grafanaDashboard": "ConfigMap",
+    }
+    default = kinds(render(tmp_path))
+    for value, kind in switches.items():
+        assert kind not in default
+        objects = render(tmp_path, {value: {"enabled": True}})
+        assert kinds(objects).count(kind) == 1
+        assert sorted(set(kinds(objects)) - set(default)) == [kind]
+
+
+def test_alerts_can_be_tuned_and_switched_off(tmp_path: Path) -> None:
+    objects = render(
+        tmp_path,
+        {
+            "prometheusRule": {
+                "enabled": True,
+                "additionalAlertLabels": {"team": "storage"},
+                "rules": {
+                    "sweepsStale": {"enabled": False, "severity": "warning", "for": "15m"},
+                    "incompleteBytesHigh": {
+                        "enabled": True,
+                        "severity": "critical",
+                        "for": "2h",
+                        "thresholdBytes": 1000,
+                    },
+                },
+            }
+        },
+    )
+    alerts = {r["alert"]: r for r in only(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    assert set(alerts) == ALERTS - {"MpuJanitorSweepsStale"}
+    bytes_high = alerts["MpuJanitorIncompleteBytesHigh"]
+    assert bytes_high["for"] == "2h" and "> 1000\n" in bytes_high["expr"]
+    assert bytes_high["labels"] == {"severity": "critical", "team": "storage"}
+    assert "runbook_url" not in bytes_high["annotations"]
+
+
+def test_alerts_have_runbooks_in_the_readme() -> None:
+    readme = (CHART / "README.md").read_text()
+    for alert in ALERTS:
+        section = re.search(rf"^### {alert}\n(.*?)(?=^##)", readme, re.S | re.M)
+        assert section, f"no runbook section for {alert}"
+        for part in ("**Severity**", "**Fires when**", "**Impact**", "**Diagnose**"):
+            assert part in section.group(1), (alert, part)
+
+
+def test_dashboard_shows_the_contract_panels() -> None:
+    dashboard = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
+    by_title = {p["title"]: p for p in dashboard["panels"]}
+    assert {
+        "Freed bytes over time",
+        "Incomplete bytes by bucket",
+        "Aborts by result",
+        "Sweep duration",
+        "Sweep errors by reason",
+    } <= set(by_title)
+    assert (
+        "mpu_janitor_freed_bytes_total" in by_title["Freed bytes over time"]["targets"][0]["expr"]
+    )
+    assert "by (result)" in by_title["Aborts by result"]["targets"][0]["expr"]
+    assert "by (reason)" in by_title["Sweep errors by reason"]["targets"][0]["expr"]
+    assert "bucket" in by_title["Incomplete bytes by bucket"]["targets"][0]["expr"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used = set(re.findall(r"mpu_janitor_([a-z_]+)", target["expr"]))
+            assert used and used <= METRICS, (panel["title"], used - METRICS)
+
+
+def test_the_crd_upgrade_path_is_documented() -> None:
+    """Helm never upgrades crds/: the README and the install notes say what to run instead."""
+    command = "kubectl apply --server-side --force-conflicts -f charts/mpu-janitor/crds/"
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    readme = (CHART / "README.md").read_text()
+    assert command in notes
+    assert "## Upgrading the CRDs" in readme and "never upgrades" in readme
+    assert command in readme
