@@ -18,7 +18,7 @@ a half-written file, and an unterminated last line is a write in progress, skipp
 uploads are pruned by rewriting the file to a temporary one and renaming it over, under the
 lock, in batches (:meth:`LiltStore.forget`, flushed on :meth:`LiltStore.close`). An uploader
 that completes an upload should call :func:`forget_upload`; if it does not, a later sweep's
-cancel gets a 404 and prunes the record then.
+cancel gets a 404 ("already gone", never counted as freed) and prunes the record then.
 
 The file must be visible to the uploader and to the janitor alike: the same host for the CLI,
 a volume shared with the uploader (ReadWriteMany, a filesystem with working ``flock``, e.g.
@@ -274,6 +274,17 @@ def forget_upload(path: str | os.PathLike[str], upload_id: str) -> bool:
 # The store
 
 
+def _failure_code(error: BaseException | None) -> str:
+    """The observer's code for a request that got no answer."""
+    # urllib3 makes NewConnectionError a ConnectTimeoutError for compatibility: a refused
+    # connection is not a timeout.
+    if isinstance(error, urllib3.exceptions.NewConnectionError):
+        return "ConnectionError"
+    if isinstance(error, urllib3.exceptions.TimeoutError):
+        return "Timeout"
+    return "ConnectionError"
+
+
 class LiltStore:
     """The uploads of one LILT account recorded in one inventory file."""
 
@@ -321,11 +332,12 @@ class LiltStore:
             maxlen=SIZE_CACHE_PAGES
         )
         self._cancelled: set[str] = set()  # cancelled by us, not yet verified
-        self._gone: set[str] = set()  # verified gone (bounded by the aborts of one sweep)
+        self._gone: set[str] = set()  # known gone: verified, or 404 on our first cancel
         self._pending: set[str] = set()  # verified gone, not yet pruned from the file
         self._pending_since = 0.0
         self._clock: tuple[datetime, float] | None = None  # (LILT's time, our monotonic then)
         self._warned_no_date = False
+        self._endpoint_confirmed = False  # LILT answered 200 to our listing call here
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -360,14 +372,12 @@ class LiltStore:
         try:
             response = self._http.request(method, url, headers=self._headers, redirect=False)
         except urllib3.exceptions.MaxRetryError as error:
-            timeout = isinstance(error.reason, urllib3.exceptions.TimeoutError)
-            self._observe(operation, "Timeout" if timeout else "ConnectionError")
+            self._observe(operation, _failure_code(error.reason))
             raise StoreUnreachable(
                 f"LILT at {self._endpoint}: {error.reason}", container=CONTAINER
             ) from error
         except urllib3.exceptions.HTTPError as error:
-            timeout = isinstance(error, urllib3.exceptions.TimeoutError)
-            self._observe(operation, "Timeout" if timeout else "ConnectionError")
+            self._observe(operation, _failure_code(error))
             raise StoreUnreachable(
                 f"LILT at {self._endpoint}: {error}", container=CONTAINER
             ) from error
@@ -431,7 +441,15 @@ class LiltStore:
         response = self._request("GET", "ListUploads", "/v2/upload", {"ids": "0"})
         if response.status in (401, 403, 429):
             raise self._error(response)
-        # Any other answer still carries LILT's Date, which is all this request is for.
+        if response.status == 200:
+            self._endpoint_confirmed = True
+        else:
+            log.warning(
+                "LILT at %s answered %d to GET /v2/upload: is spec.store.lilt.endpoint right?",
+                self._endpoint,
+                response.status,
+            )
+        # Any answer still carries LILT's Date, which is all this request is for.
         moment = self._note_clock(response)
         if moment is None:
             if not self._warned_no_date:
@@ -555,12 +573,23 @@ class LiltStore:
         )
 
     def abort(self, upload: Upload) -> None:
-        self._cancel(upload)
+        try:
+            self._cancel(upload)
+        except UploadGone:
+            # LILT does not know this upload (completed, cancelled elsewhere): its record can
+            # never drive a cancel, so it goes. Only once LILT answered our listing call at this
+            # endpoint, so that a misconfigured endpoint's 404s never empty the inventory.
+            if self._endpoint_confirmed:
+                self._queue_prune(upload)
+            raise
         with self._lock:
             self._cancelled.add(upload.upload_id)
 
     def forget(self, upload: Upload) -> None:
         """Queue the record for pruning; the file is rewritten in batches (see FORGET_BATCH)."""
+        self._queue_prune(upload)
+
+    def _queue_prune(self, upload: Upload) -> None:
         with self._lock:
             self._cancelled.discard(upload.upload_id)
             self._gone.add(upload.upload_id)
