@@ -540,3 +540,18 @@ def test_a_misrouted_endpoint_never_empties_the_inventory(lilt: FakeLilt, invent
 
     assert [r["uploadId"] for r in records(inventory)] == [upload.upload_id]
     assert lilt.is_pending(upload.upload_id)
+
+
+def test_a_prune_that_fails_does_not_fail_the_close(
+    lilt: FakeLilt, inventory: Path, store: LiltStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    upload = start_upload(lilt, inventory, "a.zip")
+    store.forget(upload)
+    lock = Path(f"{inventory}.lock")
+    lock.unlink()
+    lock.mkdir()  # the lock can no longer be taken (a failure even root cannot bypass)
+
+    store.close()
+
+    assert "could not prune" in caplog.text
+    assert [r["uploadId"] for r in records(inventory)] == [upload.upload_id]

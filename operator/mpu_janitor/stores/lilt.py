@@ -617,7 +617,14 @@ class LiltStore:
             raise
 
     def close(self) -> None:
+        """Prune what is still queued, then drop the connections. A prune that fails (a
+        read-only volume, say) is logged, not raised: the sweep's result stands, and the next
+        sweep's cancels get 404 for those records and prune them again."""
         try:
             self.flush()
+        except OSError:
+            log.warning(
+                "could not prune the LILT inventory %s", self.target.inventory_path, exc_info=True
+            )
         finally:
             self._http.clear()
