@@ -83,16 +83,6 @@ The Kopf peering object's name.
 {{- end }}
 
 {{/*
-Prometheus alert annotations shared by every alert: runbook_url when a base URL is set.
-Usage: include "mpu-janitor.runbookUrl" (dict "root" $ "anchor" "mpujanitorsweepsstale")
-*/}}
-{{- define "mpu-janitor.runbookUrl" -}}
-{{- with .root.Values.prometheusRule.runbookBaseUrl }}
-runbook_url: {{ printf "%s#%s" . $.anchor | quote }}
-{{- end }}
-{{- end }}
-
-{{/*
 The rules on namespaced resources, shared by the ClusterRole (all namespaces) and the Roles
 (a list of namespaces).
 */}}
