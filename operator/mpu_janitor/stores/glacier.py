@@ -17,11 +17,11 @@ an abandoned upload. What this module builds on (Glacier API reference, version 
 
 Quiet period: Glacier parts carry no timestamp (only a range and a tree hash), so the store
 cannot tell when the last part arrived. :meth:`GlacierStore.measure` reports
-``newest_part=None`` rather than inventing a time; the quiet period then has to be judged from
-the upload's ``CreationDate`` (its ``initiated``), i.e. an upload counts as possibly active
-until ``quietPeriod`` after it was created. An upload that has been receiving parts for longer
-than ``olderThan`` cannot be told apart from an abandoned one: choose ``olderThan`` longer than
-the longest upload to a vault can take.
+``newest_part=None`` rather than inventing a time. The only time left to judge activity by is
+the upload's ``CreationDate`` (its ``initiated``): an upload is at most as quiet as it is old,
+which ``olderThan`` already covers whenever it is the longer of the two. An upload that has
+been receiving parts for longer than ``olderThan`` cannot be told apart from an abandoned one:
+choose ``olderThan`` longer than the longest upload to a vault can take.
 """
 
 from __future__ import annotations
