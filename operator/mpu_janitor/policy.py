@@ -343,7 +343,7 @@ def _parse_lilt(data: Any, path: str) -> LiltTarget:
 
 def _parse_store(data: Any, path: str) -> StoreSpec:
     f = _Fields(data, path, ("type", "s3", "glacier", "lilt", "credentialsSecretRef"))
-    store_type = StoreType(f.choice("type", [t.value for t in StoreType], required=True))
+    store_type = StoreType(f.choice("type", [t.value for t in StoreType], required=True) or "")
     for other in ("s3", "glacier", "lilt"):
         if other != store_type.value.lower() and f.has(other):
             raise PolicyError(f.at(other), f"does not belong to a store of type {store_type.value}")
@@ -427,7 +427,7 @@ def parse_spec(spec: Any, *, name: str, namespace: str, generation: int | None =
     interval = schedule.duration("interval", timedelta(hours=1))
     if interval < timedelta(seconds=10):
         raise PolicyError("spec.schedule.interval", "must be at least 10s")
-    mode = Mode(f.choice("mode", [m.value for m in Mode], Mode.ABORT.value))
+    mode = Mode(f.choice("mode", [m.value for m in Mode]) or Mode.ABORT.value)
     lim = _Fields(
         f.data.get("limits"),
         "spec.limits",

@@ -42,8 +42,16 @@ class MinioServer:
         data.mkdir()
         self.process = _Process(
             "minio",
-            [str(self.binary), "server", str(data), "--address", f"127.0.0.1:{self.port}",
-             "--console-address", f"127.0.0.1:{free_port()}", "--quiet"],
+            [
+                str(self.binary),
+                "server",
+                str(data),
+                "--address",
+                f"127.0.0.1:{self.port}",
+                "--console-address",
+                f"127.0.0.1:{free_port()}",
+                "--quiet",
+            ],
             self.workdir / "minio.log",
             env,
         )

@@ -1,0 +1,249 @@
+"""The Kopf face of the operator: thin handlers that feed the scheduler, plus the HTTP
+endpoint for ``/metrics`` and ``/healthz``. ``mpu-janitor operator`` runs :func:`run_operator`.
+
+Only an event handler watches policies (no timers, daemons or change handlers), so Kopf
+never puts a finalizer on them: deleting a policy or its namespace never waits for us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mpu_janitor.kube import KubeClient, KubeError
+from mpu_janitor.metrics import MetricsState, new_registry
+from mpu_janitor.policy import API_GROUP, API_VERSION
+from mpu_janitor.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+PLURAL = "uploadlifecyclepolicies"
+PEERING_GROUP = "kopf.dev"
+HEALTHY_TICK_SECONDS = 60.0
+
+
+@dataclass
+class OperatorConfig:
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 8080  # 0: pick a free port (tests read OperatorConfig.bound_port)
+    peering: str | None = None
+    namespaces: tuple[str, ...] = ()
+    identity: str = field(
+        default_factory=lambda: f"mpu-janitor@{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
+    )
+    priority: int = field(default_factory=lambda: random.randint(1, 1_000_000))
+    bound_port: int | None = None
+
+
+# -- Kubernetes credentials shared by Kopf and our own status client -------------------------
+
+
+async def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    """In a Pod: the ServiceAccount; elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    info = kopf.login_with_service_account(settings=settings)
+    return info or kopf.login_with_kubeconfig(settings=settings)
+
+
+@kopf.on.login(errors=kopf.ErrorsMode.PERMANENT)
+async def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    return await login(settings)
+
+
+# -- lifecycle ---------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config: OperatorConfig = memo.get("config") or OperatorConfig()
+    memo["config"] = config
+    # Our names under our own API group, not Kopf's defaults.
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    # We post our own one-per-sweep Events; handler log lines stay in the log.
+    settings.posting.level = logging.ERROR
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 60
+    settings.peering.priority = config.priority
+
+    kube = KubeClient(lambda: login(settings))
+    metrics = MetricsState()
+    scheduler = Scheduler(kube, metrics, post_event, is_active=lambda: is_active_peer(kube, config))
+    memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
+    memo["http"] = await start_http(config, metrics, scheduler)
+    scheduler.start()
+    log.info(
+        "mpu-janitor started: metrics on %s:%s, identity %s",
+        config.metrics_address,
+        config.bound_port,
+        config.identity,
+    )
+
+
+@kopf.on.cleanup()
+async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    scheduler: Scheduler | None = memo.get("scheduler")
+    if scheduler is not None:
+        await scheduler.stop()
+    runner: web.AppRunner | None = memo.get("http")
+    if runner is not None:
+        await runner.cleanup()
+    kube: KubeClient | None = memo.get("kube")
+    if kube is not None:
+        await kube.close()
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+async def on_policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    scheduler: Scheduler = memo["scheduler"]
+    if type == "DELETED":
+        scheduler.remove(str(body.metadata.namespace), str(body.metadata.name))
+    elif body.metadata.get("deletionTimestamp"):
+        # Being deleted (another controller's finalizer may hold it): stop sweeping now.
+        scheduler.remove(str(body.metadata.namespace), str(body.metadata.name))
+    else:
+        scheduler.upsert(dict(body), initial=type is None)
+
+
+def post_event(body: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
+    kopf.event(cast(Any, dict(body)), type=event_type, reason=reason, message=message[:1024])
+
+
+# -- peering: the scheduler sweeps only in the replica Kopf keeps active -----------------------
+
+
+async def is_active_peer(kube: KubeClient, config: OperatorConfig) -> bool:
+    """True unless a live peer outranks us (Kopf pauses on equal priorities too)."""
+    if config.peering is None:
+        return True
+    if config.namespaces:
+        path = (
+            f"/apis/{PEERING_GROUP}/v1/namespaces/{config.namespaces[0]}/kopfpeerings/"
+            f"{config.peering}"
+        )
+    else:
+        path = f"/apis/{PEERING_GROUP}/v1/clusterkopfpeerings/{config.peering}"
+    try:
+        body = await kube.request("GET", path)
+    except KubeError as error:
+        log.warning("cannot read peering %s: %s; not sweeping", config.peering, error)
+        return False
+    now = time.time()
+    for identity, info in ((body or {}).get("status") or {}).items():
+        if identity == config.identity or not isinstance(info, dict):
+            continue
+        if _peer_alive(info, now) and int(info.get("priority", 0)) >= config.priority:
+            return False
+    return True
+
+
+def _peer_alive(info: Mapping[str, Any], now: float) -> bool:
+    from datetime import datetime
+
+    try:
+        seen = datetime.fromisoformat(str(info.get("lastseen")).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if seen.tzinfo is None:
+        from datetime import UTC
+
+        seen = seen.replace(tzinfo=UTC)
+    return now - seen.timestamp() <= float(info.get("lifetime", 60))
+
+
+# -- HTTP: /metrics and /healthz -----------------------------------------------------------------
+
+
+async def start_http(
+    config: OperatorConfig, metrics: MetricsState, scheduler: Scheduler
+) -> web.AppRunner:
+    registry = new_registry(metrics)
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        payload = await asyncio.to_thread(generate_latest, registry)
+        return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health_view(_: web.Request) -> web.Response:
+        stale = time.monotonic() - scheduler.last_tick
+        if stale > HEALTHY_TICK_SECONDS:
+            return web.Response(status=503, text=f"scheduler stalled for {stale:.0f}s\n")
+        return web.Response(text="ok\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", health_view)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.metrics_address, config.metrics_port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    config.bound_port = sockets[0].getsockname()[1] if sockets else config.metrics_port
+    return runner
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+def operator_kwargs(config: OperatorConfig) -> dict[str, Any]:
+    """Arguments for ``kopf.operator`` matching a config (also used by the tests)."""
+    kwargs: dict[str, Any] = {
+        "memo": kopf.Memo(config=config),
+        "identity": config.identity,
+        "priority": config.priority,
+    }
+    if config.namespaces:
+        kwargs["namespaces"] = list(config.namespaces)
+    else:
+        kwargs["clusterwide"] = True
+    if config.peering:
+        kwargs["peering_name"] = config.peering
+    else:
+        kwargs["standalone"] = True
+    return kwargs
+
+
+def run_operator(
+    *,
+    namespaces: Collection[str],
+    metrics_address: str,
+    metrics_port: int,
+    peering: str | None,
+    verbose: bool,
+) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    for noisy in ("botocore", "urllib3", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = OperatorConfig(
+        metrics_address=metrics_address,
+        metrics_port=metrics_port,
+        peering=peering,
+        namespaces=tuple(namespaces),
+    )
+    if os.environ.get("MPU_JANITOR_PRIORITY"):
+        config.priority = int(os.environ["MPU_JANITOR_PRIORITY"])
+    asyncio.run(kopf.operator(**operator_kwargs(config)))
+    return 0

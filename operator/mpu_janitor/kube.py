@@ -1,0 +1,135 @@
+"""A small async Kubernetes API client for what Kopf does not do for us from a scheduler:
+patching a policy's status and reading a Secret. It authenticates with the same
+``kopf.ConnectionInfo`` that Kopf logs in with, and logs in again after a 401 (rotated
+ServiceAccount tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json as json_module
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import kopf
+
+from mpu_janitor.policy import API_GROUP, API_VERSION
+
+PLURAL = "uploadlifecyclepolicies"
+
+Login = Callable[[], Awaitable[kopf.ConnectionInfo | None]]
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Forbidden(KubeError):
+    pass
+
+
+def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    context = ssl.create_default_context(
+        cafile=str(info.ca_path) if info.ca_path else None,
+        cadata=(info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data)
+        if info.ca_data
+        else None,
+    )
+    certificate = info.certificate_path
+    key = info.private_key_path
+    if info.certificate_data and info.private_key_data:
+        # ssl wants files for client certificates; keep them in private temp files.
+        certificate = _temp_file(info.certificate_data)
+        key = _temp_file(info.private_key_data)
+    if certificate and key:
+        context.load_cert_chain(str(certificate), str(key))
+    return context
+
+
+def _temp_file(data: str | bytes) -> str:
+    raw = data if isinstance(data, bytes) else data.encode()
+    handle = tempfile.NamedTemporaryFile(prefix="mpu-janitor-", delete=False)  # noqa: SIM115
+    with handle:
+        handle.write(raw)
+    return handle.name
+
+
+class KubeClient:
+    def __init__(self, login: Login) -> None:
+        self._login = login
+        self._info: kopf.ConnectionInfo | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()
+
+    async def _connect(self, *, fresh: bool) -> tuple[aiohttp.ClientSession, str]:
+        async with self._lock:
+            if fresh or self._session is None or self._info is None:
+                info = await self._login()
+                if info is None:
+                    raise KubeError(0, "no Kubernetes credentials (kubeconfig or ServiceAccount)")
+                if self._session is not None:
+                    await self._session.close()
+                headers = {"Accept": "application/json"}
+                if info.token:
+                    headers["Authorization"] = f"Bearer {info.token}"
+                elif info.username and info.password:
+                    pair = f"{info.username}:{info.password}".encode()
+                    headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+                self._session = aiohttp.ClientSession(
+                    headers=headers,
+                    connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=16),
+                    timeout=aiohttp.ClientTimeout(total=30),
+                )
+                self._info = info
+            return self._session, self._info.server.rstrip("/")
+
+    async def request(
+        self, method: str, path: str, *, json: Any = None, content_type: str | None = None
+    ) -> Any:
+        for attempt in range(2):
+            session, server = await self._connect(fresh=attempt > 0)
+            headers = {"Content-Type": content_type} if content_type else {}
+            async with session.request(method, server + path, json=json, headers=headers) as rsp:
+                if rsp.status == 401 and attempt == 0:
+                    continue
+                text = await rsp.text()
+                try:
+                    body = json_module.loads(text) if text else None
+                except ValueError:
+                    body = {"message": text[:500]}
+                if rsp.status >= 400:
+                    message = (body or {}).get("message", "") if isinstance(body, dict) else ""
+                    kind = {404: NotFound, 403: Forbidden}.get(rsp.status, KubeError)
+                    raise kind(rsp.status, message or rsp.reason or "")
+                return body
+        raise AssertionError("unreachable")
+
+    async def get_secret(self, namespace: str, name: str) -> Mapping[str, Any]:
+        body: Mapping[str, Any] = await self.request(
+            "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
+        )
+        return body
+
+    async def patch_policy_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> Any:
+        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        return await self.request(
+            "PATCH", path, json={"status": status}, content_type="application/merge-patch+json"
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
