@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real components the tests and the demo run (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm, minio) from the Go module proxy, once per pinned version, into
+# kubectl, etcd, helm, minio, promtool) from the Go module proxy, once per pinned version, into
 # ${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor/bin. Builds only what is missing; a failed build
 # exits non-zero (the tests never skip a missing binary).
 #
@@ -12,6 +12,8 @@ KUBE_VERSION=v1.35.4
 ETCD_VERSION=v3.6.16
 HELM_VERSION=v3.22.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+# Prometheus 3.15.0 (the module is tagged v0.<major><minor>.<patch>), for promtool.
+PROMETHEUS_VERSION=v0.315.0
 
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor"
 BIN_DIR="$CACHE_ROOT/bin"
@@ -30,6 +32,7 @@ bin_path() {
     etcd) echo "$BIN_DIR/etcd-$ETCD_VERSION" ;;
     helm) echo "$BIN_DIR/helm-$HELM_VERSION" ;;
     minio) echo "$BIN_DIR/minio-$MINIO_VERSION" ;;
+    promtool) echo "$BIN_DIR/promtool-$PROMETHEUS_VERSION" ;;
     *) log "unknown binary: $1"; exit 2 ;;
   esac
 }
@@ -138,14 +141,49 @@ build_minio() {
   mv "$dir/minio" "$out"
 }
 
+# promtool checks and unit-tests the chart's alerting rules. Prometheus's go.mod has a replace
+# directive, so `go install pkg@version` refuses it: build from a throwaway module that mirrors
+# the replaces.
+build_promtool() {
+  local out; out=$(bin_path promtool)
+  [[ -x "$out" ]] && return 0
+  log "building promtool $PROMETHEUS_VERSION"
+  local dir="$WORK_DIR/promtool-$PROMETHEUS_VERSION" tag="${PROMETHEUS_VERSION#v0.}"
+  local release="$((${tag%%.*} / 100)).$((${tag%%.*} % 100)).${tag#*.}"
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    if [[ ! -f go.mod ]]; then
+      go mod init mpu-janitor.dev/promtool-build >/dev/null 2>&1
+      local gomod replace
+      gomod=$(go mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+      for replace in $(awk '$1 == "replace" && $3 == "=>" {print $2 "=" $4 "@" $5}' "$gomod"); do
+        go mod edit -replace="$replace"
+      done
+      cat >tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import _ "github.com/prometheus/prometheus/cmd/promtool"
+GO
+      go get "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" >/dev/null
+    fi
+    go build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=$release" \
+      -o "$out.tmp" github.com/prometheus/prometheus/cmd/promtool
+    mv "$out.tmp" "$out"
+  )
+}
+
 targets=("$@")
-((${#targets[@]})) || targets=(etcd minio helm kube-apiserver kube-controller-manager kubectl)
+((${#targets[@]})) || targets=(etcd minio helm promtool kube-apiserver kube-controller-manager kubectl)
 need_kube=0
 for t in "${targets[@]}"; do
   case "$t" in
     etcd) build_etcd ;;
     helm) build_helm ;;
     minio) build_minio ;;
+    promtool) build_promtool ;;
     kube-apiserver|kube-controller-manager|kubectl) need_kube=1 ;;
     *) log "unknown binary: $t"; exit 2 ;;
   esac
