@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from aiohttp import web
@@ -84,6 +84,15 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
 
     kube = KubeClient(lambda: login(settings))
     metrics = MetricsState()
+
+    async def post_event(
+        body: Mapping[str, Any], event_type: str, reason: str, message: str
+    ) -> None:
+        try:
+            await kube.create_event(body, event_type, reason, message, instance=config.identity)
+        except (KubeError, OSError, TimeoutError) as error:
+            log.warning("could not post a %s event: %s", reason, error)
+
     scheduler = Scheduler(kube, metrics, post_event, is_active=lambda: is_active_peer(kube, config))
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)
@@ -115,17 +124,12 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 async def on_policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     scheduler: Scheduler = memo["scheduler"]
-    if type == "DELETED":
-        scheduler.remove(str(body.metadata.namespace), str(body.metadata.name))
-    elif body.metadata.get("deletionTimestamp"):
-        # Being deleted (another controller's finalizer may hold it): stop sweeping now.
-        scheduler.remove(str(body.metadata.namespace), str(body.metadata.name))
+    name, namespace = str(body.metadata.name), str(body.metadata.namespace)
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        # Deleted, or being deleted (another controller's finalizer may hold it): stop now.
+        scheduler.remove(namespace, name)
     else:
         scheduler.upsert(dict(body), initial=type is None)
-
-
-def post_event(body: Mapping[str, Any], event_type: str, reason: str, message: str) -> None:
-    kopf.event(cast(Any, dict(body)), type=event_type, reason=reason, message=message[:1024])
 
 
 # -- peering: the scheduler sweeps only in the replica Kopf keeps active -----------------------

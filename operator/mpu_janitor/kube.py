@@ -11,6 +11,7 @@ import json as json_module
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -128,6 +129,40 @@ class KubeClient:
         return await self.request(
             "PATCH", path, json={"status": status}, content_type="application/merge-patch+json"
         )
+
+    async def create_event(
+        self, obj: Mapping[str, Any], event_type: str, reason: str, message: str, *, instance: str
+    ) -> None:
+        """A core v1 Event about a policy (what ``kubectl describe`` and ``get events`` show)."""
+        metadata = obj.get("metadata") or {}
+        namespace = metadata.get("namespace") or "default"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{metadata.get('name', 'policy')}.",
+                "namespace": namespace,
+            },
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
+                "kind": obj.get("kind", "UploadLifecyclePolicy"),
+                "name": metadata.get("name"),
+                "namespace": namespace,
+                "uid": metadata.get("uid"),
+                "resourceVersion": metadata.get("resourceVersion"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "mpu-janitor"},
+            "reportingComponent": f"{API_GROUP}/operator",
+            "reportingInstance": instance[:128],
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+        }
+        await self.request("POST", f"/api/v1/namespaces/{namespace}/events", json=event)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -37,7 +37,7 @@ JITTER = 0.1  # +-10% of the interval, so policies created together drift apart
 RETRY_AFTER_PROBLEM = timedelta(minutes=1)  # credentials missing: look again soon
 
 # (body, type, reason, message): posts a Kubernetes Event about a policy.
-PostEvent = Callable[[Mapping[str, Any], str, str, str], None]
+PostEvent = Callable[[Mapping[str, Any], str, str, str], Awaitable[None]]
 # Is this replica the one that sweeps (peering)? Asked before each sweep.
 IsActive = Callable[[], Awaitable[bool]]
 
@@ -272,13 +272,13 @@ class Scheduler:
         status["handledSweepNow"] = entry.handled_sweep_now
         await self._patch_status(entry, status)
         kind = "Normal" if result.ok else "Warning"
-        self.post_event(entry.body, kind, result.reason, sweep_message(result))
+        await self.post_event(entry.body, kind, result.reason, sweep_message(result))
         by_reason: dict[str, list[str]] = {}
         for issue in result.issues:
             by_reason.setdefault(issue.reason, []).append(issue.message)
         for reason, messages in by_reason.items():
             count = result.errors_by_reason.get(reason, len(messages))
-            self.post_event(
+            await self.post_event(
                 entry.body, "Warning", reason, f"{count} failure(s), first: {messages[0]}"
             )
 
@@ -301,7 +301,7 @@ class Scheduler:
             next_sweep=next_due,
         )
         await self._patch_status(entry, status)
-        self.post_event(
+        await self.post_event(
             entry.body, "Warning" if reason != "Suspended" else "Normal", reason, message
         )
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from tests.support.minio import MinioServer
 
 _bucket_numbers = itertools.count(1)

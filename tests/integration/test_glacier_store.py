@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from botocore.retries.standard import ExponentialBackoff
-from tests.support.glacier_server import FakeGlacier, MiB
 
 from mpu_janitor.policy import GlacierTarget, parse_policy
 from mpu_janitor.stores import open_store
@@ -25,6 +24,7 @@ from mpu_janitor.stores.base import (
 )
 from mpu_janitor.stores.glacier import MAX_ATTEMPTS, GlacierStore, parse_range
 from mpu_janitor.sweep import TargetLocks, run_sweep
+from tests.support.glacier_server import FakeGlacier, MiB
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import urllib3
-from tests.support.lilt_server import FakeLilt
 
 from mpu_janitor.policy import LiltTarget, parse_policy
 from mpu_janitor.stores import open_store
@@ -39,6 +38,7 @@ from mpu_janitor.stores.lilt import (
     record_upload,
 )
 from mpu_janitor.sweep import TargetLocks, run_sweep
+from tests.support.lilt_server import FakeLilt
 
 pytestmark = pytest.mark.integration
 

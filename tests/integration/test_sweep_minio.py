@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from mpu_janitor.policy import Mode
+from mpu_janitor.stores import open_store
+from mpu_janitor.stores.base import StoreCredentials, Upload
+from mpu_janitor.sweep import run_sweep
 from tests.integration.helpers import (
     last_json,
     make_upload,
@@ -23,11 +28,6 @@ from tests.integration.helpers import (
     write_policy,
 )
 from tests.support.minio import MinioServer
-
-from mpu_janitor.policy import Mode
-from mpu_janitor.stores import open_store
-from mpu_janitor.stores.base import StoreCredentials, Upload
-from mpu_janitor.sweep import run_sweep
 
 pytestmark = pytest.mark.integration
 

@@ -41,13 +41,21 @@ class FakeStore:
     yielded: int = 0
     forgotten: list[str] = field(default_factory=list)
 
-    def add(self, key: str, *, age: timedelta, parts: Sequence[int] = (100,),
-            last_part_age: timedelta | None = None, container: str = "bucket",
-            aborts_needed: int = 1) -> Upload:
+    def add(
+        self,
+        key: str,
+        *,
+        age: timedelta,
+        parts: Sequence[int] = (100,),
+        last_part_age: timedelta | None = None,
+        container: str = "bucket",
+        aborts_needed: int = 1,
+    ) -> Upload:
         upload = Upload(container, key, f"id-{len(self.uploads)}", self.server_now - age)
         newest = self.server_now - (last_part_age if last_part_age is not None else age)
-        self.uploads[upload.upload_id] = FakeUpload(upload, list(parts), newest if parts else None,
-                                                    aborts_needed)
+        self.uploads[upload.upload_id] = FakeUpload(
+            upload, list(parts), newest if parts else None, aborts_needed
+        )
         return upload
 
     def _throttle(self) -> None:
@@ -62,7 +70,7 @@ class FakeStore:
     def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
         items = [u.upload for u in list(self.uploads.values()) if u.upload.container == container]
         for start in range(0, len(items), self.page_size):
-            page = items[start:start + self.page_size]
+            page = items[start : start + self.page_size]
             with self.lock:
                 self.yielded += len(page)
             yield UploadPage(page, self.server_now)
@@ -74,8 +82,9 @@ class FakeStore:
             entry = self.uploads.get(upload.upload_id)
         if entry is None:
             raise UploadGone(upload.key)
-        return PartsSummary(sum(entry.part_sizes), len(entry.part_sizes), entry.newest_part,
-                            self.server_now)
+        return PartsSummary(
+            sum(entry.part_sizes), len(entry.part_sizes), entry.newest_part, self.server_now
+        )
 
     def abort(self, upload: Upload) -> None:
         self._throttle()

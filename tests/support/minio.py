@@ -12,6 +12,7 @@ from typing import Any
 
 import boto3
 import botocore.config
+
 from tests.support.controlplane import _Process, ensure_binaries, free_port, wait_for
 
 ROOT_USER = "janitor-admin"

@@ -89,8 +89,14 @@ def test_profile_defaults_to_aws_without_endpoint_and_generic_with_one() -> None
 
 
 def test_key_matching_prefixes_and_globs() -> None:
-    doc = with_spec("match", {"olderThan": "1d", "prefixes": ["tmp/", "ingest/"],
-                              "excludeKeyGlobs": ["*.keep", "tmp/pinned/*"]})
+    doc = with_spec(
+        "match",
+        {
+            "olderThan": "1d",
+            "prefixes": ["tmp/", "ingest/"],
+            "excludeKeyGlobs": ["*.keep", "tmp/pinned/*"],
+        },
+    )
     match = parse_policy(doc).match
     assert match.matches_key("tmp/a.bin")
     assert match.matches_key("ingest/x/y")
@@ -116,8 +122,12 @@ def test_key_matching_prefixes_and_globs() -> None:
         ("store.s3.requestPayer", "requester", "spec.store.s3.requestPayer", "not one of"),
         ("store.s3.bucket", ["x"], "spec.store.s3.bucket", "unknown field"),
         ("store.glacier", {"vaults": ["v"]}, "spec.store.glacier", "does not belong"),
-        ("store.credentialsSecretRef", {"name": "Bad Name"},
-         "spec.store.credentialsSecretRef.name", "Secret name"),
+        (
+            "store.credentialsSecretRef",
+            {"name": "Bad Name"},
+            "spec.store.credentialsSecretRef.name",
+            "Secret name",
+        ),
         ("match.olderThan", DELETE, "spec.match.olderThan", "required"),
         ("match.olderThan", "7 days", "spec.match.olderThan", "duration"),
         ("match.olderThan", "0s", "spec.match.olderThan", "longer than zero"),
@@ -142,8 +152,14 @@ def test_invalid_fields_are_named(path: str, value: Any, field: str, words: str)
 
 
 def test_tencent_cos_bucket_needs_appid_suffix() -> None:
-    doc = with_spec("store.s3", {"endpoint": "https://cos.ap-guangzhou.myqcloud.com",
-                                 "profile": "TencentCOS", "buckets": ["uploads"]})
+    doc = with_spec(
+        "store.s3",
+        {
+            "endpoint": "https://cos.ap-guangzhou.myqcloud.com",
+            "profile": "TencentCOS",
+            "buckets": ["uploads"],
+        },
+    )
     with pytest.raises(PolicyError) as info:
         parse_policy(doc)
     assert info.value.field == "spec.store.s3.buckets[0]"

@@ -8,11 +8,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.support.fake_store import FakeStore
-
 from mpu_janitor.policy import Mode, parse_policy
 from mpu_janitor.stores.base import StoreUnreachable, Upload
 from mpu_janitor.sweep import TargetLocks, run_sweep
+from tests.support.fake_store import FakeStore
 
 H = timedelta(hours=1)
 
@@ -221,8 +220,10 @@ def test_two_sweeps_of_one_target_never_overlap() -> None:
     stores = [SlowStore(), SlowStore()]
     for s in stores:
         s.add("k", age=48 * H)
-    threads = [threading.Thread(target=run_sweep, args=(policy(), s), kwargs={"locks": locks})
-               for s in stores]
+    threads = [
+        threading.Thread(target=run_sweep, args=(policy(), s), kwargs={"locks": locks})
+        for s in stores
+    ]
     for t in threads:
         t.start()
     for t in threads:
