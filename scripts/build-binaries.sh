@@ -37,8 +37,17 @@ bin_path() {
   esac
 }
 
+# One build of a component at a time (a test run may ask while another build runs): wait for the
+# other build, then look again at what is missing. The lock is released when the script exits.
+lock_build() {
+  local fd
+  exec {fd}>"$WORK_DIR/$1.lock"
+  flock "$fd"
+}
+
 build_kube() {
   local wanted=() name
+  lock_build "kubernetes-$KUBE_VERSION"
   for name in kube-apiserver kube-controller-manager kubectl; do
     [[ -x "$(bin_path "$name")" ]] || wanted+=("$name")
   done
@@ -50,7 +59,9 @@ build_kube() {
   mkdir -p "$dir"
   (
     cd "$dir"
-    if [[ ! -f go.mod ]]; then
+    # The marker, written last, tells a complete module from one an interrupted run left behind.
+    if [[ ! -f .module-ready ]]; then
+      rm -f go.mod go.sum tools.go
       go mod init mpu-janitor.dev/kube-build >/dev/null 2>&1
       local gomod
       gomod=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
@@ -75,6 +86,7 @@ GO
       go get "k8s.io/kubernetes@$KUBE_VERSION" >/dev/null
       go mod tidy -e >/dev/null 2>&1 || true
       go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBE_VERSION" >/dev/null
+      touch .module-ready
     fi
     local date ld="" pkg
     date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -92,13 +104,15 @@ GO
 
 build_etcd() {
   local out; out=$(bin_path etcd)
+  lock_build "etcd-$ETCD_VERSION"
   [[ -x "$out" ]] && return 0
   log "building etcd $ETCD_VERSION"
   local dir="$WORK_DIR/etcd-$ETCD_VERSION"
   mkdir -p "$dir"
   (
     cd "$dir"
-    if [[ ! -f go.mod ]]; then
+    if [[ ! -f .module-ready ]]; then
+      rm -f go.mod go.sum main.go
       go mod init mpu-janitor.dev/etcd-build >/dev/null 2>&1
       cat >main.go <<'GO'
 package main
@@ -113,6 +127,7 @@ func main() { etcdmain.Main(os.Args) }
 GO
       go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null
       go mod tidy >/dev/null
+      touch .module-ready
     fi
     go build -trimpath -ldflags "-s -w" -o "$out.tmp" .
     mv "$out.tmp" "$out"
