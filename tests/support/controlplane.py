@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -283,7 +284,9 @@ class ControlPlane:
             self._write_admin_kubeconfig()
             self._start_controller_manager()
         except BaseException:
-            self.stop(keep_dir=True)
+            # The logs go with the temp dir: print them first; pytest shows setup stderr.
+            print(f"control plane failed to start; logs:\n{self.logs(60)}", file=sys.stderr)
+            self.stop()
             raise
 
     def stop(self, *, keep_dir: bool = False) -> None:
