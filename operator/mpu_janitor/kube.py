@@ -10,6 +10,7 @@ import base64
 import json as json_module
 import ssl
 import tempfile
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -141,7 +142,8 @@ class KubeClient:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "generateName": f"{metadata.get('name', 'policy')}.",
+                # Named like client-go's recorder names them: <object>.<unique hex>.
+                "name": f"{metadata.get('name', 'policy')}.{uuid.uuid4().hex[:16]}",
                 "namespace": namespace,
             },
             "involvedObject": {

@@ -56,7 +56,7 @@ def test_freed_bytes_are_exact_and_only_for_verified_aborts() -> None:
     assert summary["remainingBytes"] == 64
     assert [c for c in store.calls if c == ("abort", "stubborn")] == [("abort", "stubborn")] * 3
     assert result.reason == "PartialFailure"
-    assert store.forgotten == sorted(store.forgotten) and set(store.forgotten) == {"a", "b"}
+    assert sorted(store.forgotten) == ["a", "b"]  # pruned once each, in any order
 
 
 def test_an_abort_that_needs_repeating_is_repeated_and_counted_once() -> None:
