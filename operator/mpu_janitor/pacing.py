@@ -58,13 +58,15 @@ class Pacer:
             with self._lock:
                 self.rate = min(self.configured_rate, self.rate + self.configured_rate / 20)
 
-    def throttled(self, attempt: int) -> None:
-        """Halve the rate and sleep a jittered exponential backoff (cancellable)."""
+    def throttled(self, attempt: int, retry_after: float | None = None) -> None:
+        """Halve the rate and sleep a jittered exponential backoff, or as long as the store
+        asked (cancellable)."""
         with self._lock:
             self.rate = max(self.floor, self.rate / 2)
             self._tokens = 0.0
             self.throttle_events += 1
-        self.sleep(min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0))
+        backoff = min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
+        self.sleep(max(backoff, retry_after or 0.0))
 
     def sleep(self, seconds: float) -> None:
         if self.cancel.wait(seconds):

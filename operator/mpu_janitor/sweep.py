@@ -228,11 +228,11 @@ class _Sweep:
             self.pacer.acquire()
             try:
                 value = fn(upload)
-            except Throttled:
+            except Throttled as error:
                 if attempt == THROTTLE_RETRIES:
                     raise
                 log.info("throttled by the store; slowing down (attempt %d)", attempt + 1)
-                self.pacer.throttled(attempt)
+                self.pacer.throttled(attempt, error.retry_after)
                 continue
             self.pacer.succeeded()
             return value

@@ -229,3 +229,21 @@ def test_two_sweeps_of_one_target_never_overlap() -> None:
     for t in threads:
         t.join()
     assert max(overlap) == 1
+
+
+def test_a_store_asked_wait_is_honoured() -> None:
+    from mpu_janitor.pacing import Pacer
+    from mpu_janitor.stores.base import Throttled
+
+    waits: list[float] = []
+
+    class RecordingPacer(Pacer):
+        def sleep(self, seconds: float) -> None:
+            waits.append(seconds)
+
+    pacer = RecordingPacer(100)
+    pacer.throttled(0, Throttled("quota", retry_after=60).retry_after)
+    pacer.throttled(0)
+    assert waits[0] == 60
+    assert waits[1] < 1
+    assert pacer.rate == 25  # halved twice

@@ -86,9 +86,16 @@ class ContainerNotFound(StoreError):
 
 
 class Throttled(StoreError):
-    """The store asked us to slow down (503 SlowDown, LimitExceeded, 429)."""
+    """The store asked us to slow down (503 SlowDown, LimitExceeded, 429). ``retry_after`` is
+    the wait the store asked for, if it said (LILT's quota: 60 s)."""
 
     reason = "Throttled"
+
+    def __init__(
+        self, message: str, *, container: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, container=container)
+        self.retry_after = retry_after
 
 
 class InvalidTarget(StoreError):

@@ -98,6 +98,7 @@ FORGET_MAX_DELAY = 5.0  # ...or this many seconds after the first one, whichever
 SIZE_CACHE_PAGES = 8  # recent listing pages whose sizes measure() can look up without a scan
 API_KEY_ENV = "LILT_API_KEY"
 QUOTA_MESSAGE = "LILT quota of 4000 requests a minute exceeded: LILT asks for a 60 s wait"
+QUOTA_WAIT_SECONDS = 60.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +426,11 @@ class LiltStore:
         if status == 429:
             retry_after = response.headers.get("Retry-After")
             hint = f" (Retry-After: {retry_after})" if retry_after else ""
-            return Throttled(f"{QUOTA_MESSAGE}{hint}: {message}", container=CONTAINER)
+            return Throttled(
+                f"{QUOTA_MESSAGE}{hint}: {message}",
+                container=CONTAINER,
+                retry_after=_seconds(retry_after) or QUOTA_WAIT_SECONDS,
+            )
         if status in (502, 503, 504):
             return StoreUnreachable(f"LILT answered {status}: {message}", container=CONTAINER)
         if 300 <= status < 400:
@@ -628,3 +633,11 @@ class LiltStore:
             )
         finally:
             self._http.clear()
+
+
+def _seconds(value: str | None) -> float | None:
+    """Retry-After in seconds (its HTTP-date form is treated as absent)."""
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

@@ -35,7 +35,9 @@ from mpu_janitor.stores.base import (
 from mpu_janitor.stores.profiles import S3Profile, profile
 
 PAGE_SIZE = 1000
-MAX_ATTEMPTS = 4  # boto3 standard mode: 3 retries with jittered backoff, then the engine decides
+# botocore's retries.max_attempts counts retries: up to 5 requests a call with jittered
+# backoff; throttling past that goes to the engine, which slows the whole sweep down.
+MAX_ATTEMPTS = 4
 
 _THROTTLE_CODES = {
     "SlowDown",
