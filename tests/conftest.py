@@ -1,4 +1,5 @@
-"""Fixtures for the integration tier: a real MinIO for the session, a fresh bucket per test."""
+"""Fixtures shared by the integration and e2e tiers: a real MinIO for the session, a fresh
+bucket per test."""
 
 from __future__ import annotations
 

@@ -1,0 +1,452 @@
+"""The operator (``mpu-janitor operator`` in a subprocess) against a real kube-apiserver and a
+real MinIO: the lifecycle of a policy as a user drives it with kubectl, an API server restart,
+deletion while the operator is down, and the chart's RBAC as the only permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.helpers import make_upload, open_uploads
+from tests.support.controlplane import ControlPlane, free_port, wait_for
+from tests.support.minio import MinioServer
+
+REPO = Path(__file__).resolve().parents[2]
+AGE = 3.5  # seconds: older than the policies' olderThan of 2s on MinIO's 1 s Date clock
+
+
+class Operator:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.process, self.port, self.log = process, port, log
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def running_operator(kubeconfig: Path, namespaces: list[str], tmp: Path) -> Iterator[Operator]:
+    port = free_port()
+    log = tmp / f"operator-{port}.log"
+    args = [
+        "mpu-janitor",
+        "operator",
+        "--standalone",
+        "--metrics-address",
+        "127.0.0.1",
+        "--metrics-port",
+        str(port),
+    ]
+    for namespace in namespaces:
+        args += ["--namespace", namespace]
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            args,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    operator = Operator(process, port, log)
+    try:
+        wait_for(
+            lambda: operator.healthy() or process.poll() is not None,
+            timeout=60,
+            what="operator /healthz",
+        )
+        assert process.poll() is None, operator.output()
+        yield operator
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    assert process.returncode in (0, -15), operator.output()[-3000:]
+
+
+def policy(name: str, namespace: str, endpoint: str, bucket: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "store": {
+            "type": "S3",
+            "s3": {"endpoint": endpoint, "profile": "MinIO", "buckets": [bucket]},
+            "credentialsSecretRef": {"name": "minio-creds"},
+        },
+        "match": {"olderThan": "2s", "quietPeriod": "0s"},
+        "schedule": {"interval": "1h"},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "mpu-janitor.dev/v1alpha1",
+        "kind": "UploadLifecyclePolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
+
+
+def apply(plane: ControlPlane, document: dict[str, Any], kubeconfig: Path | None = None) -> None:
+    plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(document), kubeconfig=kubeconfig)
+
+
+def add_secret(plane: ControlPlane, namespace: str, minio: MinioServer) -> None:
+    apply(
+        plane,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "minio-creds", "namespace": namespace},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": minio.access_key,
+                "AWS_SECRET_ACCESS_KEY": minio.secret_key,
+            },
+        },
+    )
+
+
+def status(plane: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    found = plane.kubectl("get", "ulp", name, "-n", namespace, "-o", "json", check=False)
+    if found.returncode != 0:
+        return {}
+    value: dict[str, Any] = json.loads(found.stdout).get("status") or {}
+    return value
+
+
+def ready(plane: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    for condition in status(plane, namespace, name).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return dict(condition)
+    return {}
+
+
+def events(plane: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    listing = plane.kubectl_json(
+        "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}"
+    )
+    items: list[dict[str, Any]] = listing["items"]
+    return items
+
+
+@pytest.fixture()
+def admin_operator(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> Iterator[Operator]:
+    control_plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/uploadlifecyclepolicies.mpu-janitor.dev",
+    )
+    with running_operator(control_plane.kubeconfig, [namespace], tmp_path) as operator:
+        yield operator
+
+
+def test_policy_lifecycle_with_kubectl(
+    control_plane: ControlPlane,
+    namespace: str,
+    admin_operator: Operator,
+    minio: MinioServer,
+    s3: Any,
+    bucket: str,
+) -> None:
+    plane = control_plane
+    add_secret(plane, namespace, minio)
+    make_upload(s3, bucket, "tmp/a.bin", [1000, 234])
+    make_upload(s3, bucket, "keep/b.bin", [50])
+    time.sleep(AGE)
+
+    # Create: the first sweep runs at once.
+    apply(
+        plane,
+        policy(
+            "stale",
+            namespace,
+            minio.endpoint,
+            bucket,
+            match={"olderThan": "2s", "quietPeriod": "0s", "prefixes": ["tmp/"]},
+        ),
+    )
+    wait_for(
+        lambda: status(plane, namespace, "stale").get("lastSweep"), timeout=60, what="first sweep"
+    )
+    first = status(plane, namespace, "stale")
+    assert first["lastSweep"]["aborted"] == 1
+    assert first["lastSweep"]["freedBytes"] == 1234
+    assert first["observedGeneration"] == 1
+    assert ready(plane, namespace, "stale")["reason"] == "SweepSucceeded"
+    assert {key for key, _ in open_uploads(s3, bucket)} == {"keep/b.bin"}
+    table = plane.kubectl("get", "ulp", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == [
+        "NAME",
+        "STORE",
+        "MODE",
+        "READY",
+        "LAST",
+        "ABORTED",
+        "FREED",
+        "LAST",
+        "SWEEP",
+        "AGE",
+    ]
+    assert table[1].split()[:6] == ["stale", "S3", "Abort", "True", "1", "1234"]
+    reasons = [e["reason"] for e in events(plane, namespace, "stale")]
+    assert reasons.count("SweepSucceeded") == 1
+    # No finalizer: deleting the policy never waits for the operator.
+    body = plane.kubectl_json("get", "ulp", "stale", "-n", namespace)
+    assert not body["metadata"].get("finalizers")
+    assert 'policy="stale"' in admin_operator.metrics()
+
+    # Update: the spec change takes effect at once.
+    plane.kubectl(
+        "patch",
+        "ulp",
+        "stale",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"match": {"prefixes": ["tmp/", "keep/"]}}}),
+    )
+    wait_for(
+        lambda: (
+            status(plane, namespace, "stale").get("observedGeneration") == 2
+            and status(plane, namespace, "stale")["lastSweep"]["freedBytes"] == 50
+        ),
+        timeout=60,
+        what="sweep of generation 2",
+    )
+    assert status(plane, namespace, "stale")["totals"] == {"abortedUploads": 2, "freedBytes": 1284}
+    assert open_uploads(s3, bucket) == set()
+
+    # Suspend: Ready False with reason Suspended; a sweep request is not acted on.
+    plane.kubectl(
+        "patch",
+        "ulp",
+        "stale",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": true}}',
+    )
+    wait_for(
+        lambda: ready(plane, namespace, "stale").get("reason") == "Suspended",
+        timeout=30,
+        what="Suspended",
+    )
+    make_upload(s3, bucket, "tmp/c.bin", [9])
+    time.sleep(AGE)
+    plane.kubectl("annotate", "ulp", "stale", "-n", namespace, "mpu-janitor.dev/sweep-now=1")
+    time.sleep(3)
+    assert {key for key, _ in open_uploads(s3, bucket)} == {"tmp/c.bin"}
+
+    # Resume, then trigger a sweep with the annotation (the interval is 1h).
+    plane.kubectl(
+        "patch",
+        "ulp",
+        "stale",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": false}}',
+    )
+    wait_for(lambda: not open_uploads(s3, bucket), timeout=60, what="sweep after resume")
+    make_upload(s3, bucket, "tmp/d.bin", [11])
+    time.sleep(AGE)
+    plane.kubectl(
+        "annotate", "ulp", "stale", "-n", namespace, "--overwrite", "mpu-janitor.dev/sweep-now=2"
+    )
+    wait_for(lambda: not open_uploads(s3, bucket), timeout=60, what="sweep-now")
+    wait_for(
+        lambda: status(plane, namespace, "stale").get("totals", {}).get("freedBytes") == 1304,
+        timeout=30,
+        what="totals after sweep-now",
+    )
+    metrics = admin_operator.metrics()
+    assert (
+        f'mpu_janitor_freed_bytes_total{{bucket="{bucket}",namespace="{namespace}",'
+        f'policy="stale",store="S3"}} 1304.0'
+    ) in metrics
+
+    # Delete: returns at once, and the policy's series leave /metrics.
+    started = time.monotonic()
+    plane.kubectl("delete", "ulp", "stale", "-n", namespace, "--timeout=30s")
+    assert time.monotonic() - started < 30
+    wait_for(
+        lambda: 'policy="stale"' not in admin_operator.metrics(),
+        timeout=30,
+        what="series of the deleted policy gone",
+    )
+
+
+def test_invalid_and_credential_problems_do_not_stop_others(
+    control_plane: ControlPlane,
+    namespace: str,
+    admin_operator: Operator,
+    minio: MinioServer,
+    s3: Any,
+    bucket: str,
+) -> None:
+    plane = control_plane
+    add_secret(plane, namespace, minio)
+    make_upload(s3, bucket, "x", [77])
+    time.sleep(AGE)
+    lost = policy("lost-secret", namespace, minio.endpoint, bucket, mode="DryRun")
+    lost["spec"]["store"]["credentialsSecretRef"] = {"name": "does-not-exist"}
+    apply(plane, lost)
+    apply(plane, policy("good", namespace, minio.endpoint, bucket))
+    wait_for(
+        lambda: ready(plane, namespace, "lost-secret").get("reason") == "CredentialsNotFound",
+        timeout=60,
+        what="CredentialsNotFound",
+    )
+    assert "does-not-exist" in ready(plane, namespace, "lost-secret")["message"]
+    wait_for(
+        lambda: status(plane, namespace, "good").get("lastSweep"),
+        timeout=60,
+        what="the good policy's sweep",
+    )
+    assert status(plane, namespace, "good")["lastSweep"]["freedBytes"] == 77
+    warnings = [e for e in events(plane, namespace, "lost-secret") if e["type"] == "Warning"]
+    assert warnings and warnings[0]["reason"] == "CredentialsNotFound"
+    assert minio.secret_key not in json.dumps(events(plane, namespace, "good"))
+
+
+def test_operator_resumes_after_apiserver_restart(
+    control_plane: ControlPlane,
+    namespace: str,
+    admin_operator: Operator,
+    minio: MinioServer,
+    s3: Any,
+    bucket: str,
+) -> None:
+    plane = control_plane
+    add_secret(plane, namespace, minio)
+    apply(plane, policy("steady", namespace, minio.endpoint, bucket))
+    wait_for(
+        lambda: status(plane, namespace, "steady").get("lastSweep"), timeout=60, what="first sweep"
+    )
+
+    ready_after = plane.restart_apiserver()
+    restarted = time.monotonic()
+    make_upload(s3, bucket, "after-restart", [5])
+    time.sleep(AGE)
+    plane.kubectl("annotate", "ulp", "steady", "-n", namespace, "mpu-janitor.dev/sweep-now=r1")
+    wait_for(
+        lambda: not open_uploads(s3, bucket),
+        timeout=30,
+        what="a sweep requested after the API server restart",
+    )
+    print(
+        f"apiserver ready {ready_after:.1f}s after restart; "
+        f"sweep done {time.monotonic() - restarted:.1f}s after that"
+    )
+    assert admin_operator.process.poll() is None
+
+
+def test_deleting_a_namespace_never_waits_for_a_stopped_operator(
+    control_plane: ControlPlane,
+    make_namespace: Callable[[str], str],
+    minio: MinioServer,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    plane = control_plane
+    plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    doomed = make_namespace("doomed")
+    add_secret(plane, doomed, minio)
+    with running_operator(plane.kubeconfig, [doomed], tmp_path):
+        apply(plane, policy("p", doomed, minio.endpoint, bucket))
+        wait_for(lambda: status(plane, doomed, "p").get("lastSweep"), timeout=60, what="a sweep")
+    # The operator is gone now; the namespace (and its policy) still go away.
+    plane.kubectl("delete", "namespace", doomed, "--wait=false")
+    wait_for(
+        lambda: plane.kubectl("get", "namespace", doomed, check=False).returncode != 0,
+        timeout=90,
+        what="namespace deleted",
+    )
+
+
+def test_operator_runs_with_only_the_charts_rbac(
+    control_plane: ControlPlane,
+    make_namespace: Callable[[str], str],
+    minio: MinioServer,
+    s3: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    plane = control_plane
+    plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    watched = make_namespace("team")
+    other = make_namespace("other")
+    release_ns = make_namespace("janitor")
+    plane.helm(
+        "install",
+        "janitor",
+        str(REPO / "charts" / "mpu-janitor"),
+        "-n",
+        release_ns,
+        "--set",
+        f"watchNamespaces={{{watched}}}",
+        "--skip-crds",
+    )
+    accounts = plane.kubectl_json("get", "serviceaccounts", "-n", release_ns)["items"]
+    account = next(a["metadata"]["name"] for a in accounts if a["metadata"]["name"] != "default")
+    kubeconfig = plane.service_account_kubeconfig(release_ns, account, create=False)
+    add_secret(plane, watched, minio)
+    add_secret(plane, other, minio)
+
+    # The chart's identity may read Secrets where it watches, and nowhere else.
+    def can(verb: str, resource: str, ns: str) -> str:
+        result = plane.kubectl(
+            "auth", "can-i", verb, resource, "-n", ns, kubeconfig=kubeconfig, check=False
+        )
+        return str(result.stdout.strip())
+
+    assert can("get", "secrets", watched) == "yes"
+    assert can("get", "secrets", other) == "no"
+    denied = plane.kubectl(
+        "get", "secret", "minio-creds", "-n", other, kubeconfig=kubeconfig, check=False
+    )
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+
+    make_upload(s3, bucket, "old", [321])
+    time.sleep(AGE)
+    with running_operator(kubeconfig, [watched], tmp_path) as operator:
+        apply(plane, policy("rbac", watched, minio.endpoint, bucket))
+        wait_for(
+            lambda: status(plane, watched, "rbac").get("lastSweep"),
+            timeout=60,
+            what="a sweep under the chart's RBAC",
+        )
+        assert status(plane, watched, "rbac")["lastSweep"]["freedBytes"] == 321
+        assert [e["reason"] for e in events(plane, watched, "rbac")] == ["SweepSucceeded"]
+        # The only refusal is Kopf's optional listing of namespaces, which falls back to the
+        # namespaces it was given; everything the sweep needs was allowed.
+        refused = [line for line in operator.output().splitlines() if "orbidden" in line]
+        assert all(
+            'resource "namespaces"' in line or "list namespaces" in line for line in refused
+        ), refused
+    plane.helm("uninstall", "janitor", "-n", release_ns)
