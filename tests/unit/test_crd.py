@@ -148,6 +148,7 @@ def test_status_schema(schema: dict[str, Any]) -> None:
         "lastSweep",
         "totals",
         "nextSweepTime",
+        "handledSweepNow",
     }
     conditions = status["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map"
@@ -539,3 +540,29 @@ def test_kopf_peering_crds() -> None:
     assert by_name["clusterkopfpeerings.kopf.dev"]["names"]["kind"] == "ClusterKopfPeering"
     assert by_name["kopfpeerings.kopf.dev"]["scope"] == "Namespaced"
     assert by_name["kopfpeerings.kopf.dev"]["names"]["kind"] == "KopfPeering"
+
+
+def test_status_the_operator_writes_fits_the_schema(schema: dict[str, Any]) -> None:
+    # Every key the operator writes must be in the schema, or the API server prunes it.
+    from datetime import UTC, datetime
+
+    from mpu_janitor.status import sweep_status
+    from mpu_janitor.sweep import BucketStats, SweepResult
+
+    result = SweepResult(
+        "ns",
+        "p",
+        "S3",
+        False,
+        datetime.now(UTC),
+        datetime.now(UTC),
+        buckets={"b": BucketStats(scanned=1, listed=True)},
+    )
+    written = sweep_status({}, result, generation=1, next_sweep=datetime.now(UTC))
+    written["handledSweepNow"] = "1"
+    status = node(schema, "status")["properties"]
+    assert set(written) <= set(status)
+    assert set(written["lastSweep"]) <= set(status["lastSweep"]["properties"])
+    assert set(written["totals"]) <= set(status["totals"]["properties"])
+    condition = written["conditions"][0]
+    assert set(condition) <= set(status["conditions"]["items"]["properties"])
