@@ -45,27 +45,33 @@ class Operator:
 
 
 @contextmanager
-def running_operator(kubeconfig: Path, namespaces: list[str], tmp: Path) -> Iterator[Operator]:
+def running_operator(
+    kubeconfig: Path,
+    namespaces: list[str],
+    tmp: Path,
+    *,
+    peering: str | None = None,
+    priority: int | None = None,
+) -> Iterator[Operator]:
     port = free_port()
     log = tmp / f"operator-{port}.log"
     args = [
         "mpu-janitor",
         "operator",
-        "--standalone",
         "--metrics-address",
         "127.0.0.1",
         "--metrics-port",
         str(port),
     ]
+    args += ["--peering", peering] if peering else ["--standalone"]
     for namespace in namespaces:
         args += ["--namespace", namespace]
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    if priority is not None:
+        env["MPU_JANITOR_PRIORITY"] = str(priority)
     with open(log, "wb") as handle:
         process = subprocess.Popen(
-            args,
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
     operator = Operator(process, port, log)
     try:
@@ -450,3 +456,65 @@ def test_operator_runs_with_only_the_charts_rbac(
             'resource "namespaces"' in line or "list namespaces" in line for line in refused
         ), refused
     plane.helm("uninstall", "janitor", "-n", release_ns)
+
+
+def test_peering_keeps_one_replica_sweeping(
+    control_plane: ControlPlane,
+    namespace: str,
+    minio: MinioServer,
+    s3: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    plane = control_plane
+    plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    plane.kubectl(
+        "apply",
+        "--server-side",
+        "-f",
+        str(REPO / "charts" / "mpu-janitor" / "crds" / "kopf-peerings.yaml"),
+    )
+    plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev"
+    )
+    apply(
+        plane,
+        {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "KopfPeering",
+            "metadata": {"name": "janitors", "namespace": namespace},
+        },
+    )
+    add_secret(plane, namespace, minio)
+
+    def swept_by(operator: Operator) -> bool:
+        return 'operation="ListMultipartUploads"' in operator.metrics()
+
+    with running_operator(
+        plane.kubeconfig, [namespace], tmp_path, peering="janitors", priority=100
+    ) as standby:
+        with running_operator(
+            plane.kubeconfig, [namespace], tmp_path, peering="janitors", priority=200
+        ) as active:
+            time.sleep(5)  # both have announced themselves in the peering object
+            apply(plane, policy("shared", namespace, minio.endpoint, bucket))
+            wait_for(
+                lambda: status(plane, namespace, "shared").get("lastSweep"),
+                timeout=60,
+                what="a sweep",
+            )
+            time.sleep(3)
+            assert swept_by(active)
+            assert not swept_by(standby)
+        # The active replica stopped (and left the peering object): the standby takes over.
+        make_upload(s3, bucket, "late", [3])
+        time.sleep(AGE)
+        plane.kubectl(
+            "annotate", "ulp", "shared", "-n", namespace, "mpu-janitor.dev/sweep-now=takeover"
+        )
+        wait_for(
+            lambda: not open_uploads(s3, bucket),
+            timeout=90,
+            what="the standby sweeping after the active replica stopped",
+        )
+        assert swept_by(standby)
