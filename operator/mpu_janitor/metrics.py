@@ -103,6 +103,14 @@ class MetricsState(Collector):
                         - (0 if result.dry_run else stats.freed_bytes),
                         "oldest_incomplete_upload_age_seconds": stats.oldest_age_seconds,
                     }
+            if (
+                not result.cancelled
+                and result.buckets
+                and all(stats.listed for stats in result.buckets.values())
+            ):
+                # A bucket the policy no longer covers keeps no stale gauges.
+                for bucket in set(series.gauges) - set(result.buckets):
+                    del series.gauges[bucket]
             for reason, count in result.errors_by_reason.items():
                 series.errors[reason] += count
             if result.ok and result.finished is not None:
@@ -118,14 +126,6 @@ class MetricsState(Collector):
         """Drop every series of a deleted policy."""
         with self._lock:
             self._policies.pop(key, None)
-
-    def forget_buckets_except(self, key: PolicyKey, buckets: set[str]) -> None:
-        """Drop gauges of buckets a changed policy no longer covers."""
-        with self._lock:
-            series = self._policies.get(key)
-            if series is not None:
-                for bucket in set(series.gauges) - buckets:
-                    del series.gauges[bucket]
 
     # -- the collector -----------------------------------------------------------------------
 
