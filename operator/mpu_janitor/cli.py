@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import yaml
 
 from mpu_janitor import __version__
-from mpu_janitor.policy import KIND, Policy, PolicyError, parse_policy
+from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, KIND, Policy, PolicyError, parse_policy
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     peering = operator.add_mutually_exclusive_group()
     peering.add_argument("--peering", help="Kopf peering name: one replica sweeps, others wait")
     peering.add_argument("--standalone", action="store_true", help="no peering (one replica)")
+    operator.add_argument(
+        "--lilt-inventory-dir",
+        default=DEFAULT_LILT_INVENTORY_DIR,
+        help="LILT policies may only name inventories under this directory",
+    )
     operator.set_defaults(run=None)
     return parser
 
@@ -275,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             peering=None if args.standalone else args.peering,
             verbose=args.verbose,
+            lilt_inventory_dir=args.lilt_inventory_dir,
         )
     try:
         code: int = args.run(args, sys.stdout, sys.stderr)

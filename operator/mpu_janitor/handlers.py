@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
-from mpu_janitor.policy import API_GROUP, API_VERSION
+from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
 from mpu_janitor.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class OperatorConfig:
     )
     priority: int = field(default_factory=lambda: random.randint(1, 1_000_000))
     bound_port: int | None = None
+    lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -93,7 +94,13 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         except (KubeError, OSError, TimeoutError) as error:
             log.warning("could not post a %s event: %s", reason, error)
 
-    scheduler = Scheduler(kube, metrics, post_event, is_active=lambda: is_active_peer(kube, config))
+    scheduler = Scheduler(
+        kube,
+        metrics,
+        post_event,
+        is_active=lambda: is_active_peer(kube, config),
+        lilt_inventory_dir=config.lilt_inventory_dir,
+    )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)
     scheduler.start()
@@ -233,6 +240,7 @@ def run_operator(
     metrics_port: int,
     peering: str | None,
     verbose: bool,
+    lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
 ) -> int:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -246,6 +254,7 @@ def run_operator(
         metrics_port=metrics_port,
         peering=peering,
         namespaces=tuple(namespaces),
+        lilt_inventory_dir=lilt_inventory_dir,
     )
     if os.environ.get("MPU_JANITOR_PRIORITY"):
         config.priority = int(os.environ["MPU_JANITOR_PRIORITY"])

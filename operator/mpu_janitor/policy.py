@@ -52,6 +52,8 @@ class Mode(StrEnum):
 
 S3_PROFILES = ("AWS", "MinIO", "Ceph", "Scality", "TencentCOS", "Generic")  # = profiles.yaml
 REQUEST_PAYERS = ("Requester",)
+# The operator accepts LILT inventories only under this directory (--lilt-inventory-dir).
+DEFAULT_LILT_INVENTORY_DIR = "/var/lib/mpu-janitor/lilt"
 
 
 def parse_duration(text: str, field_path: str) -> timedelta:
@@ -119,7 +121,7 @@ class GlacierTarget:
 @dataclass(frozen=True)
 class LiltTarget:
     endpoint: str
-    inventory_path: str | None
+    inventory_path: str
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,14 @@ def _parse_glacier(data: Any, path: str) -> GlacierTarget:
 
 def _parse_lilt(data: Any, path: str) -> LiltTarget:
     f = _Fields(data, path, ("endpoint", "inventoryPath"))
-    return LiltTarget(_endpoint(f, "endpoint") or "https://api.lilt.com", f.string("inventoryPath"))
+    inventory = f.string("inventoryPath")
+    if inventory is None:
+        raise PolicyError(
+            f.at("inventoryPath"),
+            "is required: LILT cannot list incomplete uploads, the sweep reads them from the "
+            "inventory the uploader records",
+        )
+    return LiltTarget(_endpoint(f, "endpoint") or "https://api.lilt.com", inventory)
 
 
 def _parse_store(data: Any, path: str) -> StoreSpec:
@@ -348,7 +357,7 @@ def _parse_store(data: Any, path: str) -> StoreSpec:
         if other != store_type.value.lower() and f.has(other):
             raise PolicyError(f.at(other), f"does not belong to a store of type {store_type.value}")
     section = store_type.value.lower()
-    if not f.has(section) and store_type is not StoreType.LILT:
+    if not f.has(section):
         raise PolicyError(f.at(section), f"is required for type {store_type.value}")
     secret_ref = None
     if f.has("credentialsSecretRef"):
@@ -370,7 +379,7 @@ def _parse_store(data: Any, path: str) -> StoreSpec:
         )
     return StoreSpec(
         store_type,
-        lilt=_parse_lilt(f.data.get("lilt"), f.at("lilt")),
+        lilt=_parse_lilt(f.data["lilt"], f.at("lilt")),
         credentials_secret_ref=secret_ref,
     )
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 from mpu_janitor.credentials import CredentialsNotFound, load_credentials
 from mpu_janitor.kube import KubeClient, KubeError, NotFound
 from mpu_janitor.metrics import MetricsState
-from mpu_janitor.policy import Policy, PolicyError, parse_spec
+from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, Policy, PolicyError, parse_spec
 from mpu_janitor.status import problem_status, sweep_message, sweep_status
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import StoreCredentials
@@ -81,7 +82,9 @@ class Scheduler:
         max_parallel_sweeps: int = 8,
         is_active: IsActive = always_active,
         locks: TargetLocks | None = None,
+        lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
     ) -> None:
+        self.lilt_inventory_dir = os.path.realpath(lilt_inventory_dir)
         self.kube = kube
         self.metrics = metrics
         self.post_event = post_event
@@ -113,7 +116,8 @@ class Scheduler:
             self._reparse(entry, resumed=fresh and initial)
         annotations = metadata.get("annotations") or {}
         request = annotations.get(SWEEP_NOW_ANNOTATION)
-        if request and request != entry.handled_sweep_now and entry.policy is not None:
+        policy = entry.policy
+        if request and request != entry.handled_sweep_now and policy and not policy.suspend:
             log.info("sweep requested for %s/%s by annotation", *key)
             entry.handled_sweep_now = request
             entry.due = time.monotonic()
@@ -139,6 +143,7 @@ class Scheduler:
                 namespace=entry.namespace,
                 generation=entry.generation,
             )
+            self._check_operator_limits(policy)
         except PolicyError as error:
             entry.policy, entry.error, entry.due = None, error, None
             log.warning("policy %s/%s is invalid: %s", entry.namespace, entry.name, error)
@@ -159,6 +164,19 @@ class Scheduler:
             if upcoming is not None and observed == entry.generation:
                 wait = (upcoming - datetime.now(UTC)).total_seconds()
                 entry.due = time.monotonic() + max(0.0, min(wait, jittered(policy.interval)))
+
+    def _check_operator_limits(self, policy: Policy) -> None:
+        """What a policy may ask of this operator: a LILT inventory only under the directory the
+        operator was given, so no policy can make the operator rewrite any other file."""
+        lilt = policy.store.lilt
+        if lilt is not None:
+            path = os.path.realpath(lilt.inventory_path)
+            if os.path.commonpath([path, self.lilt_inventory_dir]) != self.lilt_inventory_dir:
+                raise PolicyError(
+                    "spec.store.lilt.inventoryPath",
+                    f"{lilt.inventory_path!r} must be under {self.lilt_inventory_dir} "
+                    "(the operator's --lilt-inventory-dir)",
+                )
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -256,7 +256,10 @@ GLACIER_DOC = {
 }
 LILT_DOC = {
     **S3_DOC,
-    "spec": {"store": {"type": "LILT", "lilt": {}}, "match": {"olderThan": "1d"}},
+    "spec": {
+        "store": {"type": "LILT", "lilt": {"inventoryPath": "/var/lib/mpu-janitor/lilt/i.jsonl"}},
+        "match": {"olderThan": "1d"},
+    },
 }
 
 # Every object of the spec, with a document in which it is present.
