@@ -41,6 +41,7 @@ PolicyKey = tuple[str, str]  # (namespace, name)
 class _PolicySeries:
     store: str
     interval_seconds: float = 0.0
+    suspended: bool = False
     older_than_seconds: float = 0.0
     # per bucket gauges from the last sweep that listed the bucket completely
     gauges: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -72,6 +73,7 @@ class MetricsState(Collector):
             series = self._series(policy.key, policy.store.type.value)
             series.interval_seconds = policy.interval.total_seconds()
             series.older_than_seconds = policy.match.older_than.total_seconds()
+            series.suspended = policy.suspend
 
     def request_observer(self, key: PolicyKey, store: str) -> RequestCounter:
         return RequestCounter(self, key, store)
@@ -182,6 +184,11 @@ class MetricsState(Collector):
             durations = HistogramMetricFamily(
                 PREFIX + "sweep_duration_seconds", "Duration of sweeps", labels=policy_labels
             )
+            suspended = GaugeMetricFamily(
+                PREFIX + "policy_suspended",
+                "1 while the policy's spec.suspend is true",
+                labels=policy_labels,
+            )
             for (namespace, name), series in items:
                 base = [namespace, name, series.store]
                 for bucket, values in sorted(series.gauges.items()):
@@ -191,6 +198,7 @@ class MetricsState(Collector):
                     last_success.add_metric(base, series.last_success)
                 interval.add_metric(base, series.interval_seconds)
                 older_than.add_metric(base, series.older_than_seconds)
+                suspended.add_metric(base, 1.0 if series.suspended else 0.0)
                 for (bucket, outcome), count in sorted(series.aborted.items()):
                     aborted.add_metric([*base, bucket, outcome], count)
                 for bucket, count in sorted(series.freed.items()):
@@ -217,6 +225,7 @@ class MetricsState(Collector):
             last_success,
             interval,
             older_than,
+            suspended,
             aborted,
             freed,
             requests,

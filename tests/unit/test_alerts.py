@@ -122,6 +122,11 @@ def test_sweeps_stale(tmp_path: Path, rule_groups: list[dict[str, Any]]) -> None
             # Never succeeded, but only two sweeps so far (a 1d interval): not yet stale.
             series("mpu_janitor_policy_interval_seconds", policy_labels("young"), "86400+0x300"),
             series("mpu_janitor_sweep_duration_seconds_count", policy_labels("young"), "2+0x300"),
+            # Suspended for hours on purpose: no alert.
+            series("mpu_janitor_policy_interval_seconds", policy_labels("paused"), hourly),
+            series("mpu_janitor_policy_suspended", policy_labels("paused"), "1+0x300"),
+            series("mpu_janitor_last_successful_sweep_timestamp_seconds",
+                   policy_labels("paused"), "60+0x300"),
             # Failed many times before, succeeds now.
             series("mpu_janitor_policy_interval_seconds", policy_labels("recovered"), hourly),
             series("mpu_janitor_sweep_errors_total",

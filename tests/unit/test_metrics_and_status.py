@@ -74,6 +74,7 @@ def test_series_from_a_sweep_and_their_removal() -> None:
     ) in text
     assert "mpu_janitor_last_successful_sweep_timestamp_seconds" in text
     assert "mpu_janitor_build_info" in text
+    assert 'mpu_janitor_policy_suspended{namespace="media",policy="stale",store="S3"} 0.0' in text
     state.forget(("media", "stale"))
     assert 'policy="stale"' not in scrape(state)
 
