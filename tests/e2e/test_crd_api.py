@@ -444,12 +444,6 @@ def test_invalid_policy_is_rejected_naming_the_field(
     assert crd.kubectl("get", "ulp", "-n", ns, "-o", "name").stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CRD gap: kube-apiserver checks an integer value against int64(minimum), so "
-    "requestsPerSecond: 0 passes `minimum: 0.1` (0.05 is rejected); the CRD needs a CEL rule "
-    "such as `self >= 0.1` to match the policy model",
-)
 def test_zero_requests_per_second_is_rejected(crd: ControlPlane, ns: str) -> None:
     result = create(crd, _set(BASE, "spec.limits", {"requestsPerSecond": 0}), ns)
     assert result.returncode != 0, "requestsPerSecond: 0 was accepted"

@@ -216,6 +216,7 @@ def test_cel_rules_name_the_field(schema: dict[str, Any]) -> None:
         "spec.store.s3",
         "spec.match.olderThan",
         "spec.schedule.interval",
+        "spec.limits.requestsPerSecond",
     }
     for path, validations in rules.items():
         for validation in validations:
