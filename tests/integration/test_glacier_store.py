@@ -13,6 +13,7 @@ from botocore.retries.standard import ExponentialBackoff
 
 from mpu_janitor.policy import GlacierTarget, parse_policy
 from mpu_janitor.stores import open_store
+from mpu_janitor.stores.aws import MAX_RETRIES
 from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
@@ -22,14 +23,14 @@ from mpu_janitor.stores.base import (
     Upload,
     UploadGone,
 )
-from mpu_janitor.stores.glacier import MAX_ATTEMPTS, GlacierStore, parse_range
+from mpu_janitor.stores.glacier import GlacierStore, parse_range
 from mpu_janitor.sweep import TargetLocks, run_sweep
 from tests.support.glacier_server import FakeGlacier, MiB
 
 pytestmark = pytest.mark.integration
 
 VAULT = "media-archive"
-TOTAL_ATTEMPTS = MAX_ATTEMPTS + 1  # botocore's client-config max_attempts counts retries
+TOTAL_ATTEMPTS = MAX_RETRIES + 1  # botocore's client-config max_attempts counts retries
 
 
 class Requests:

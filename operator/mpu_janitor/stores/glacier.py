@@ -26,18 +26,16 @@ choose ``olderThan`` longer than the longest upload to a vault can take.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 
-from mpu_janitor import __version__
 from mpu_janitor.policy import GlacierTarget
+from mpu_janitor.stores.aws import CONNECTION_ERRORS, client_config, make_client, server_time
 from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
@@ -56,9 +54,6 @@ from mpu_janitor.stores.base import (
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 1000  # the most Glacier returns in one page (its default is 50)
-# botocore's client-config ``max_attempts`` counts retries, not tries: 4 jittered retries
-# after the first attempt, 5 HTTP requests at most per call before the engine hears of it.
-MAX_ATTEMPTS = 4
 
 _THROTTLE_CODES = frozenset(
     {
@@ -98,28 +93,6 @@ _BAD_REQUEST_CODES = frozenset(
     }
 )
 _NOT_FOUND = "ResourceNotFoundException"
-
-_CONNECTION_ERRORS = (
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ProxyConnectionError,
-    botocore.exceptions.HTTPClientError,
-)
-
-
-def server_time(response: dict[str, Any]) -> datetime:
-    """The store's clock, from the response's Date header: ages are judged on it, never on ours."""
-    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    if date:
-        try:
-            return email.utils.parsedate_to_datetime(date).astimezone(UTC)
-        except (TypeError, ValueError):
-            log.warning("unparseable Date header from Glacier: %r", date)
-    # AWS always sends Date; only a broken proxy would strip it. Our clock is all that is left.
-    log.warning("Glacier response without a usable Date header: using the local clock")
-    return datetime.now(UTC)
 
 
 def parse_range(text: str) -> int:
@@ -170,22 +143,11 @@ def translate_error(error: Exception, container: str | None, *, listing: bool) -
         return StoreError(message, container=container)
     if isinstance(error, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"no AWS credentials found: {error}", container=container)
-    if isinstance(error, _CONNECTION_ERRORS):
+    if isinstance(error, CONNECTION_ERRORS):
         return StoreUnreachable(str(error), container=container)
     if isinstance(error, botocore.exceptions.BotoCoreError):
         return StoreError(str(error), container=container)
     return error
-
-
-def _attempt_code(response_dict: dict[str, Any] | None, exception: Exception | None) -> str:
-    """The ``code`` of one HTTP attempt for the request observer."""
-    if response_dict is not None:
-        return str(response_dict.get("status_code", ""))
-    if isinstance(
-        exception, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError
-    ):
-        return "Timeout"
-    return type(exception).__name__ if exception is not None else "Unknown"
 
 
 class GlacierStore:
@@ -202,41 +164,14 @@ class GlacierStore:
         read_timeout: float = 30.0,
     ) -> None:
         self.target = target
-        self._observer = observer
-        config = botocore.config.Config(
-            region_name=target.region,
-            retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-            connect_timeout=5,
-            read_timeout=read_timeout,
-            max_pool_connections=64,  # at least the highest concurrency a policy may ask for
-            user_agent_extra=f"mpu-janitor/{__version__}",
+        self.client: Any = make_client(
+            "glacier",
+            region=target.region,
+            endpoint=target.endpoint,
+            credentials=credentials,
+            observer=observer,
+            config=client_config(target.region, read_timeout=read_timeout),
         )
-        session_kwargs: dict[str, Any] = {"region_name": target.region}
-        if credentials is not None and credentials.access_key_id:
-            session_kwargs.update(
-                aws_access_key_id=credentials.access_key_id,
-                aws_secret_access_key=credentials.secret_access_key,
-                aws_session_token=credentials.session_token,
-            )
-        # No explicit keys: boto3's default chain (environment, IRSA web identity, profile, IMDS).
-        session = boto3.session.Session(**session_kwargs)
-        self.client: Any = session.client("glacier", endpoint_url=target.endpoint, config=config)
-        # ``response-received`` fires once per HTTP attempt, retries included, so throttled
-        # attempts that boto3 retried still show in store_requests_total. (``after-call`` fires
-        # once per API call, after the retries, and would hide them.)
-        self.client.meta.events.register("response-received.glacier", self._on_response)
-
-    def _on_response(
-        self,
-        response_dict: dict[str, Any] | None = None,
-        exception: Exception | None = None,
-        **kwargs: Any,
-    ) -> None:
-        operation = str(kwargs.get("event_name", "")).rsplit(".", 1)[-1]
-        try:
-            self._observer(operation, _attempt_code(response_dict, exception))
-        except Exception:  # a broken metrics callback must never break a store call
-            log.exception("request observer failed")
 
     @property
     def target_id(self) -> str:
@@ -262,7 +197,7 @@ class GlacierStore:
                 response = self.client.list_multipart_uploads(**params)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 raise translate_error(error, container, listing=True) from error
-            now = server_time(response)
+            now = server_time(response, "Glacier")
             uploads = []
             for item in response.get("UploadsList") or []:
                 created = _parse_creation_date(item.get("CreationDate"))
@@ -316,7 +251,7 @@ class GlacierStore:
                 response = self.client.list_parts(**params)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 raise translate_error(error, upload.container, listing=False) from error
-            now = server_time(response)
+            now = server_time(response, "Glacier")
             for part in response.get("Parts") or []:
                 try:
                     size += parse_range(str(part.get("RangeInBytes", "")))

@@ -6,17 +6,16 @@ Directory buckets (names ending ``--x-s3``) get ``IfMatchInitiatedTime`` on abor
 
 from __future__ import annotations
 
-import email.utils
 import fnmatch
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 
 from mpu_janitor.policy import S3Target
+from mpu_janitor.stores.aws import CONNECTION_ERRORS, client_config, make_client, server_time
 from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
@@ -35,9 +34,6 @@ from mpu_janitor.stores.base import (
 from mpu_janitor.stores.profiles import S3Profile, profile
 
 PAGE_SIZE = 1000
-# botocore's retries.max_attempts counts retries: up to 5 requests a call with jittered
-# backoff; throttling past that goes to the engine, which slows the whole sweep down.
-MAX_ATTEMPTS = 4
 
 _THROTTLE_CODES = {
     "SlowDown",
@@ -86,18 +82,6 @@ def minimal_prefixes(prefixes: Sequence[str]) -> list[str]:
     return kept
 
 
-def server_time(response: dict[str, Any]) -> datetime:
-    """The store's clock, from the response's Date header (ages are judged on it)."""
-    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    if date:
-        try:
-            return email.utils.parsedate_to_datetime(date).astimezone(UTC)
-        except (TypeError, ValueError):
-            pass
-    # A store that sends no Date header: fall back to our clock (and say so in the docs).
-    return datetime.now(UTC)
-
-
 def translate_error(error: Exception, container: str | None) -> Exception:
     """Map a botocore exception to the engine's vocabulary (see stores/base.py)."""
     if isinstance(error, botocore.exceptions.ClientError):
@@ -122,50 +106,11 @@ def translate_error(error: Exception, container: str | None) -> Exception:
         return StoreError(message, container=container)
     if isinstance(error, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"no credentials found: {error}", container=container)
-    if isinstance(
-        error,
-        botocore.exceptions.EndpointConnectionError
-        | botocore.exceptions.ConnectTimeoutError
-        | botocore.exceptions.ReadTimeoutError
-        | botocore.exceptions.ConnectionClosedError
-        | botocore.exceptions.ProxyConnectionError,
-    ):
+    if isinstance(error, CONNECTION_ERRORS):
         return StoreUnreachable(str(error), container=container)
     if isinstance(error, botocore.exceptions.BotoCoreError):
         return StoreError(str(error), container=container)
     return error
-
-
-def build_client(
-    service: str,
-    *,
-    region: str,
-    endpoint: str | None,
-    credentials: StoreCredentials | None,
-    observer: RequestObserver,
-    config: botocore.config.Config,
-) -> Any:
-    """One boto3 client per credential set (thread-safe, shared by the sweep's workers)."""
-    session_kwargs: dict[str, Any] = {"region_name": region}
-    if credentials is not None and credentials.access_key_id:
-        session_kwargs.update(
-            aws_access_key_id=credentials.access_key_id,
-            aws_secret_access_key=credentials.secret_access_key,
-            aws_session_token=credentials.session_token,
-        )
-    session = boto3.session.Session(**session_kwargs)
-    client = session.client(service, endpoint_url=endpoint, config=config)
-
-    def after_call(http_response: Any, model: Any, **_: Any) -> None:
-        observer(model.name, str(getattr(http_response, "status_code", "")))
-
-    def after_error(exception: Exception, **kwargs: Any) -> None:
-        operation = kwargs.get("event_name", "").rsplit(".", 1)[-1]
-        observer(operation, type(exception).__name__)
-
-    client.meta.events.register(f"after-call.{service}", after_call)
-    client.meta.events.register(f"after-call-error.{service}", after_error)
-    return client
 
 
 class S3Store:
@@ -178,27 +123,19 @@ class S3Store:
     ) -> None:
         self.target = target
         self.profile: S3Profile = profile(target.profile)
-        config = botocore.config.Config(
-            region_name=target.region,
-            retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-            connect_timeout=5,
-            read_timeout=30,
-            max_pool_connections=64,
-            s3={"addressing_style": self.profile.addressing_style},
-            request_checksum_calculation=(
-                "when_supported" if self.profile.aws_checksums else "when_required"
-            ),
-            response_checksum_validation=(
-                "when_supported" if self.profile.aws_checksums else "when_required"
-            ),
-        )
-        self.client = build_client(
+        checksums = "when_supported" if self.profile.aws_checksums else "when_required"
+        self.client = make_client(
             "s3",
             region=target.region,
             endpoint=target.endpoint,
             credentials=credentials,
             observer=observer,
-            config=config,
+            config=client_config(
+                target.region,
+                s3={"addressing_style": self.profile.addressing_style},
+                request_checksum_calculation=checksums,
+                response_checksum_validation=checksums,
+            ),
         )
 
     @property
@@ -250,7 +187,7 @@ class S3Store:
                         )
                         for item in page.get("Uploads", [])
                     ]
-                    yield UploadPage(uploads, server_time(page))
+                    yield UploadPage(uploads, server_time(page, "S3"))
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 raise translate_error(error, container) from error
 
@@ -266,7 +203,7 @@ class S3Store:
                 UploadId=upload.upload_id,
                 PaginationConfig={"PageSize": PAGE_SIZE},
             ):
-                now = server_time(page)
+                now = server_time(page, "S3")
                 for part in page.get("Parts", []):
                     size += int(part["Size"])
                     count += 1

@@ -1,0 +1,112 @@
+"""boto3 plumbing shared by the S3 and Glacier stores: one client per credential set that
+reports every HTTP attempt to the request observer, and the store's clock from a response."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from mpu_janitor import __version__
+from mpu_janitor.stores.base import RequestObserver, StoreCredentials
+
+log = logging.getLogger(__name__)
+
+# botocore's ``retries.max_attempts`` counts retries, not tries: 4 jittered retries after the
+# first attempt, 5 HTTP requests at most per call before the engine hears of the failure (and
+# slows the whole sweep down if it was throttling).
+MAX_RETRIES = 4
+
+CONNECTION_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ProxyConnectionError,
+    botocore.exceptions.HTTPClientError,
+)
+
+
+def client_config(
+    region: str, *, read_timeout: float = 30.0, **extra: Any
+) -> botocore.config.Config:
+    """Explicit retries, short timeouts, a pool large enough for any policy's concurrency."""
+    return botocore.config.Config(
+        region_name=region,
+        retries={"mode": "standard", "max_attempts": MAX_RETRIES},
+        connect_timeout=5,
+        read_timeout=read_timeout,
+        max_pool_connections=64,
+        user_agent_extra=f"mpu-janitor/{__version__}",
+        **extra,
+    )
+
+
+def make_client(
+    service: str,
+    *,
+    region: str,
+    endpoint: str | None,
+    credentials: StoreCredentials | None,
+    observer: RequestObserver,
+    config: botocore.config.Config,
+) -> Any:
+    """A thread-safe client shared by a sweep's workers. Without explicit keys: boto3's default
+    chain (environment, IRSA web identity, Pod Identity, profile, instance metadata)."""
+    session_kwargs: dict[str, Any] = {"region_name": region}
+    if credentials is not None and credentials.access_key_id:
+        session_kwargs.update(
+            aws_access_key_id=credentials.access_key_id,
+            aws_secret_access_key=credentials.secret_access_key,
+            aws_session_token=credentials.session_token,
+        )
+    client = boto3.session.Session(**session_kwargs).client(
+        service, endpoint_url=endpoint, config=config
+    )
+
+    # ``response-received`` fires once per HTTP attempt, retries included, so throttled
+    # attempts that boto3 retried still show in store_requests_total (``after-call`` fires
+    # once per API call, after the retries, and would hide them).
+    def on_response(
+        response_dict: dict[str, Any] | None = None,
+        exception: Exception | None = None,
+        **kwargs: Any,
+    ) -> None:
+        operation = str(kwargs.get("event_name", "")).rsplit(".", 1)[-1]
+        try:
+            observer(operation, attempt_code(response_dict, exception))
+        except Exception:  # a broken metrics callback must never break a store call
+            log.exception("request observer failed")
+
+    client.meta.events.register(f"response-received.{service}", on_response)
+    return client
+
+
+def attempt_code(response_dict: dict[str, Any] | None, exception: Exception | None) -> str:
+    """The ``code`` label of one HTTP attempt: its status, or the kind of failure."""
+    if response_dict is not None:
+        return str(response_dict.get("status_code", ""))
+    if isinstance(
+        exception, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError
+    ):
+        return "Timeout"
+    return type(exception).__name__ if exception is not None else "Unknown"
+
+
+def server_time(response: dict[str, Any], service: str) -> datetime:
+    """The store's clock, from the response's Date header: ages are judged on it, never on
+    ours (a skewed node clock must never make an upload look older than it is)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date:
+        try:
+            return email.utils.parsedate_to_datetime(date).astimezone(UTC)
+        except (TypeError, ValueError):
+            log.warning("unparseable Date header from %s: %r", service, date)
+    # AWS always sends Date; only a broken proxy or store would strip it.
+    log.warning("%s response without a usable Date header: using the local clock", service)
+    return datetime.now(UTC)
