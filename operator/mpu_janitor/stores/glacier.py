@@ -31,7 +31,6 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import botocore.config
 import botocore.exceptions
 
 from mpu_janitor.policy import GlacierTarget
