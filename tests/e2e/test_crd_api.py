@@ -22,6 +22,7 @@ CRD_DIR = REPO_ROOT / "crds"
 CRD_FILE = CRD_DIR / "uploadlifecyclepolicies.yaml"
 CRD_NAME = "uploadlifecyclepolicies.mpu-janitor.dev"
 EXAMPLES_DIR = REPO_ROOT / "examples"
+LILT_INVENTORY = "/var/lib/mpu-janitor/lilt/inventory.jsonl"
 
 pytestmark = pytest.mark.e2e
 
@@ -389,9 +390,21 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     (
         "lilt-section-on-s3",
-        _set(BASE, "spec.store.lilt", {}),
+        _set(BASE, "spec.store.lilt", {"inventoryPath": LILT_INVENTORY}),
         "spec.store.lilt",
-        "only allowed when spec.store.type is LILT",
+        "must be set when spec.store.type is LILT, and only then",
+    ),
+    (
+        "lilt-section-missing",
+        policy(store={"type": "LILT"}),
+        "spec.store.lilt",
+        "must be set when spec.store.type is LILT, and only then",
+    ),
+    (
+        "lilt-inventory-missing",
+        policy(store={"type": "LILT", "lilt": {"endpoint": "https://api.lilt.com"}}),
+        "spec.store.lilt.inventoryPath",
+        "Required value",
     ),
     (
         "glacier-no-vaults",
@@ -496,7 +509,7 @@ VALID: list[tuple[str, dict[str, Any]]] = [
             }
         ),
     ),
-    ("lilt-no-section", policy(store={"type": "LILT"})),
+    ("lilt", policy(store={"type": "LILT", "lilt": {"inventoryPath": LILT_INVENTORY}})),
     (
         "full",
         policy(
