@@ -37,10 +37,11 @@ class Pacer:
         self._last = clock()
         self.throttle_events = 0
 
-    def acquire(self) -> None:
-        """Wait for one request slot; raises Cancelled if the sweep is stopped meanwhile."""
+    def acquire(self, *, cancellable: bool = True) -> None:
+        """Wait for one request slot; raises Cancelled if the sweep is stopped meanwhile
+        (unless ``cancellable`` is False: the call that proves an abort always goes out)."""
         while True:
-            if self.cancel.is_set():
+            if cancellable and self.cancel.is_set():
                 raise Cancelled()
             with self._lock:
                 now = self._clock()
@@ -51,7 +52,10 @@ class Pacer:
                     self._tokens -= 1.0
                     return
                 wait = (1.0 - self._tokens) / self.rate
-            self.cancel.wait(min(wait, 1.0))
+            if cancellable:
+                self.cancel.wait(min(wait, 1.0))
+            else:
+                time.sleep(min(wait, 1.0))
 
     def succeeded(self) -> None:
         if self.rate < self.configured_rate:

@@ -247,10 +247,9 @@ class Scheduler:
         result = await self._run_sweep(entry, policy, credentials)
         if entry.deleted:
             return
-        if result.cancelled and (
-            entry.policy is None or entry.policy.suspend or entry.policy is not policy
-        ):
-            # Suspended or changed mid-sweep: count what was done, report the new state.
+        if result.cancelled:
+            # Suspended, changed or shutting down mid-sweep: keep the count of what was done;
+            # the policy's condition is the new state's (a changed spec sweeps again at once).
             self.metrics.record_sweep(result)
             await self._after_cancel(entry, result)
             return

@@ -222,10 +222,12 @@ class _Sweep:
 
     # -- calls with pacing and throttling ------------------------------------------------------
 
-    def call(self, fn: Callable[[Upload], Any], upload: Upload) -> Any:
-        """One paced store call; throttling slows the sweep and retries instead of failing."""
+    def call(self, fn: Callable[[Upload], Any], upload: Upload, *, finish: bool = False) -> Any:
+        """One paced store call; throttling slows the sweep and retries instead of failing.
+        ``finish``: the call goes out even if the sweep is being stopped (verifying an abort
+        already sent, so what it freed is counted)."""
         for attempt in range(THROTTLE_RETRIES + 1):
-            self.pacer.acquire()
+            self.pacer.acquire(cancellable=not finish)
             try:
                 value = fn(upload)
             except Throttled as error:
@@ -303,7 +305,7 @@ class _Sweep:
                 self.add(container, replaced=1)
                 return
             try:
-                self.call(self.store.measure, upload)
+                self.call(self.store.measure, upload, finish=True)
             except UploadGone:
                 self._freed(upload, size)
                 return

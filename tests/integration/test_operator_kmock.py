@@ -333,3 +333,31 @@ async def test_missing_secret_does_not_stop_a_good_policy(
         f'mpu_janitor_sweep_errors_total{{namespace="{NS}",policy="no-secret",'
         f'reason="CredentialsNotFound",store="S3"}}'
     ) in text
+
+
+async def test_suspending_stops_a_running_sweep_between_uploads(
+    kmock: Any, operator: OperatorConfig, minio: MinioServer, s3: Any, bucket: str
+) -> None:
+    from tests.integration.helpers import make_uploads
+
+    make_uploads(s3, bucket, [f"k{index:03}" for index in range(60)])
+    await asyncio.sleep(3.5)
+    # Three requests an upload at 6 a second: a sweep of some 30 s.
+    slow = policy_body(
+        "slow", minio.endpoint, bucket, limits={"requestsPerSecond": 6, "concurrency": 2}
+    )
+    await create(kmock, slow)
+    await eventually(lambda: len(open_uploads(s3, bucket)) <= 55, what="the sweep under way")
+    await patch(kmock, "slow", {"metadata": {"generation": 2}, "spec": {"suspend": True}})
+    await eventually(
+        lambda: ready(status_of(kmock, "slow")).get("reason") == "Suspended", what="Suspended"
+    )
+    await asyncio.sleep(2)  # an abort already sent may still land
+    left = len(open_uploads(s3, bucket))
+    await asyncio.sleep(4)
+    assert len(open_uploads(s3, bucket)) == left, "the sweep went on after the suspend"
+    assert 40 < left < 60  # stopped within a few uploads of the suspend, long before the end
+    # What the cut-short sweep did still counts.
+    totals = await eventually(lambda: status_of(kmock, "slow").get("totals"), what="totals")
+    assert totals["abortedUploads"] == 60 - left
+    assert ready(status_of(kmock, "slow"))["reason"] == "Suspended"
