@@ -212,7 +212,6 @@ class ManagedProcess:
 
 
 # The earlier name, still imported by other helpers.
-_Process = ManagedProcess
 
 # Control planes not stopped yet: stopped at interpreter exit if a fixture's teardown never ran.
 _running: weakref.WeakSet[ControlPlane] = weakref.WeakSet()

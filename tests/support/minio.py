@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import botocore.config
 
-from tests.support.controlplane import _Process, ensure_binaries, free_port, wait_for
+from tests.support.controlplane import ManagedProcess, ensure_binaries, free_port, wait_for
 
 ROOT_USER = "janitor-admin"
 
@@ -28,7 +28,7 @@ class MinioServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.access_key = ROOT_USER
         self.secret_key = secrets.token_hex(16)
-        self.process: _Process | None = None
+        self.process: ManagedProcess | None = None
 
     def start(self) -> MinioServer:
         env = dict(os.environ)
@@ -41,7 +41,7 @@ class MinioServer:
         )
         data = self.workdir / "data"
         data.mkdir()
-        self.process = _Process(
+        self.process = ManagedProcess(
             "minio",
             [
                 str(self.binary),
