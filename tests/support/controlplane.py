@@ -211,8 +211,6 @@ class ManagedProcess:
         self._log.close()
 
 
-# The earlier name, still imported by other helpers.
-
 # Control planes not stopped yet: stopped at interpreter exit if a fixture's teardown never ran.
 _running: weakref.WeakSet[ControlPlane] = weakref.WeakSet()
 
