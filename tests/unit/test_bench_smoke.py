@@ -1,0 +1,86 @@
+"""The benchmarks still run and still count right (tiny N; correctness only, never time)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from bench.bench_engine_memory import MODES, run_one
+from bench.bench_minio_sweep import (
+    SETTLE_SECONDS,
+    listing_memory,
+    seed,
+    timed_cli,
+    timed_inventory,
+    timed_sweep,
+)
+from bench.streaming_store import StreamingStore
+
+from mpu_janitor.policy import parse_policy
+from mpu_janitor.sweep import run_sweep
+from tests.support.minio import MinioServer
+
+
+def test_streaming_store_expectations_match_a_real_sweep() -> None:
+    store = StreamingStore(1234, page_size=100)
+    expected = store.expected()
+    assert expected.scanned == 1234
+    assert expected.skipped_active == 124  # indices 1, 11, ..., 1231
+    assert expected.eligible == 1234 - 124 - 124  # minus the young (0, 10, ..., 1230)
+    doc = {
+        "metadata": {"name": "p", "namespace": "ns"},
+        "spec": {
+            "store": {"type": "S3", "s3": {"buckets": ["bench"]}},
+            "match": {"olderThan": "1d", "quietPeriod": "5m"},
+            "limits": {"requestsPerSecond": 10000, "concurrency": 4},
+        },
+    }
+    result = run_sweep(parse_policy(doc), store).summary()
+    assert result["aborted"] == expected.eligible
+    assert result["freedBytes"] == expected.eligible_bytes
+    assert result["skippedActive"] == expected.skipped_active
+    assert store.pages == 13
+    assert store.pending_aborts == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_engine_benchmark_counts_are_exact(mode: str) -> None:
+    run = run_one(mode, 2500, trace=True, concurrency=4)
+    assert run.correct, run.detail
+    assert run.peak_traced_bytes is not None and run.peak_traced_bytes > 0
+    assert run.max_pending_aborts <= 4  # only workers abort: the store's state stays bounded
+    calls = {"DryRun": 3 + 2500, "inventory": 3 + 2500, "Abort": 3 + 2500 + 2 * 2000}
+    assert run.store_calls == calls[mode]
+
+
+@pytest.fixture(scope="module")
+def minio() -> Iterator[MinioServer]:
+    server = MinioServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.integration
+def test_minio_benchmark_counts_requests_and_bytes(minio: MinioServer) -> None:
+    s3 = minio.client()
+    seeded = seed(s3, "smoke", 20, parts=2, part_size=100, workers=4)
+    assert seeded.bytes == 20 * 2 * 100
+    listing = listing_memory(minio, seeded)
+    assert listing.uploads == 20 and listing.page_sizes == [20]
+    time.sleep(SETTLE_SECONDS)
+    inv = timed_inventory(minio, seeded)
+    assert inv.ok and inv.uploads == 20
+    assert inv.requests == 1 + 20
+    dry = timed_sweep(minio, s3, seeded, "DryRun", 4, 10000)
+    assert dry.bytes_ok, dry.summary
+    assert dry.requests == 1 + 20  # one listing page, one ListParts each
+    assert dry.page_sizes == [20]
+    abort = timed_sweep(minio, s3, seeded, "Abort", 4, 10000)
+    assert abort.bytes_ok, abort.summary
+    assert abort.requests == 1 + 3 * 20  # + abort and the verifying ListParts each
+
+    seeded = seed(s3, "smoke-cli", 10, parts=1, part_size=100, workers=4)
+    time.sleep(SETTLE_SECONDS)
+    cli = timed_cli(minio, s3, seeded, 4, 10000)
+    assert cli.ok, cli.summary
