@@ -18,7 +18,10 @@ RUN groupadd --system --gid 65532 mpu-janitor \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin mpu-janitor
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# The dependencies at the versions the tests ran with (the lock is a superset: constraints only).
+COPY requirements/test.txt /tmp/constraints.txt
+RUN pip install --no-cache-dir --constraint /tmp/constraints.txt /wheels/*.whl \
+ && rm -rf /wheels /tmp/constraints.txt
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 65532:65532
 EXPOSE 8080

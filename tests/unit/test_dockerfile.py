@@ -80,13 +80,15 @@ def test_installs_the_package_and_nothing_else() -> None:
     sources = {
         part for line in copied if not line.startswith("--from") for part in line.split()[:-1]
     }
-    assert sources == {"pyproject.toml", "README.md", "operator/"}
+    # The package's sources, and the lock as constraints for its dependencies.
+    assert sources == {"pyproject.toml", "README.md", "operator/", "requirements/test.txt"}
     installs = [rest for keyword, rest in final_stage() if keyword == "RUN" and "pip" in rest]
-    assert installs == ["pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels"]
+    assert len(installs) == 1
+    assert "--constraint /tmp/constraints.txt /wheels/*.whl" in installs[0]
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignored[ignored.index("*")] == "*"  # everything is excluded, then allowed back
     allowed = {line[1:] for line in ignored if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "operator/"}
+    assert allowed == {"pyproject.toml", "README.md", "operator/", "requirements/test.txt"}
 
 
 def test_exposes_the_metrics_port_of_the_chart() -> None:
