@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 import yaml
 
@@ -169,49 +169,55 @@ def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Streams the inventory: rows are printed as they are measured, never all held at once."""
     policy = load_policy_file(args.file)
     store = open_store(policy.store, cli_credentials(policy))
-    items: list[dict[str, Any]] = []
-    rows = [["BUCKET", "KEY", "UPLOAD ID", "AGE", "PARTS", "BYTES", "STATE"]]
+    json_output = args.output == "json"
+    width = max([len(b) for b in (policy.store.s3.buckets if policy.store.s3 else ())] + [12])
+    count = 0
+    if json_output:
+        out.write('{"uploads": [')
+    else:
+        out.write(
+            f"{'BUCKET':<{width}}  {'AGE':>6}  {'PARTS':>5}  {'BYTES':>10}  "
+            f"{'STATE':<8}  {'UPLOAD ID':<20}  KEY\n"
+        )
     try:
         for item in inventory(policy, store):
             state = "eligible" if item.eligible else ("active" if item.active else "young")
-            if args.output == "json":
-                items.append(
-                    {
-                        "bucket": item.upload.container,
-                        "key": item.upload.key,
-                        "uploadId": item.upload.upload_id,
-                        "initiated": item.upload.initiated.isoformat(),
-                        "ageSeconds": int(item.age.total_seconds()),
-                        "parts": item.part_count,
-                        "bytes": item.size_bytes,
-                        "state": state,
-                    }
-                )
+            upload = item.upload
+            if json_output:
+                record = {
+                    "bucket": upload.container,
+                    "key": upload.key,
+                    "uploadId": upload.upload_id,
+                    "initiated": upload.initiated.isoformat(),
+                    "ageSeconds": int(item.age.total_seconds()),
+                    "parts": item.part_count,
+                    "bytes": item.size_bytes,
+                    "state": state,
+                }
+                out.write(("" if count == 0 else ", ") + json.dumps(record))
             else:
-                upload_id = item.upload.upload_id
-                rows.append(
-                    [
-                        item.upload.container,
-                        item.upload.key,
-                        upload_id if len(upload_id) <= 20 else upload_id[:17] + "...",
-                        human_age(item.age.total_seconds()),
-                        str(item.part_count),
-                        human_bytes(item.size_bytes),
-                        state,
-                    ]
+                upload_id = upload.upload_id
+                short_id = upload_id if len(upload_id) <= 20 else upload_id[:17] + "..."
+                out.write(
+                    f"{upload.container:<{width}}  {human_age(item.age.total_seconds()):>6}  "
+                    f"{item.part_count:>5}  {human_bytes(item.size_bytes):>10}  {state:<8}  "
+                    f"{short_id:<20}  {upload.key}\n"
                 )
+            count += 1
     except StoreError as error:
+        if json_output:
+            out.write("]}\n")
         err.write(f"error: {error.reason}: {error}\n")
         return EXIT_FAILURES
     finally:
         store.close()
-    if args.output == "json":
-        out.write(json.dumps({"uploads": items}) + "\n")
+    if json_output:
+        out.write("]}\n")
     else:
-        print_table(rows, out)
-        out.write(f"\n{len(rows) - 1} incomplete uploads\n")
+        out.write(f"\n{count} incomplete uploads\n")
     return EXIT_OK
 
 

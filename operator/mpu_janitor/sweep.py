@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -434,32 +434,58 @@ class InventoryItem:
 def inventory(
     policy: Policy, store: Store, *, cancel: threading.Event | None = None
 ) -> Iterator[InventoryItem]:
-    """The uploads a policy covers, measured, without changing anything (``mpu-janitor list``).
-    Raises StoreError on a listing failure."""
+    """The uploads a policy covers, measured, without changing anything (``mpu-janitor list``),
+    in listing order. Parts listings run ``limits.concurrency`` at a time under the policy's
+    request rate, with a bounded window ahead, so memory stays flat. Raises StoreError on a
+    listing failure (and on a measuring failure, which a read-only listing cannot hide)."""
+    own_cancel = cancel is None
     cancel = cancel or threading.Event()
     pacer = Pacer(policy.limits.requests_per_second, cancel=cancel)
     match = policy.match
-    for container in store.containers():
-        for page in store.list_uploads(container, match.prefixes):
-            for upload in page.uploads:
-                if not match.matches_key(upload.key):
-                    continue
-                pacer.acquire()
-                try:
-                    parts = store.measure(upload)
-                except UploadGone:
-                    continue
-                age = page.server_time - upload.initiated
-                active = (
-                    parts.newest_part is not None
-                    and parts.server_time - parts.newest_part < match.quiet_period
-                )
-                yield InventoryItem(
-                    upload,
-                    age,
-                    parts.size_bytes,
-                    parts.part_count,
-                    parts.newest_part,
-                    age >= match.older_than and not active,
-                    active,
-                )
+    window = policy.limits.concurrency * 2
+
+    def measure(upload: Upload) -> PartsSummary | None:
+        pacer.acquire()
+        try:
+            return store.measure(upload)
+        except UploadGone:
+            return None
+
+    def item(upload: Upload, age: timedelta, parts: PartsSummary) -> InventoryItem:
+        active = (
+            parts.newest_part is not None
+            and parts.server_time - parts.newest_part < match.quiet_period
+        )
+        eligible = age >= match.older_than and not active
+        return InventoryItem(
+            upload, age, parts.size_bytes, parts.part_count, parts.newest_part, eligible, active
+        )
+
+    pending: deque[tuple[Upload, timedelta, Future[PartsSummary | None]]] = deque()
+    with ThreadPoolExecutor(
+        max_workers=policy.limits.concurrency, thread_name_prefix="inventory"
+    ) as pool:
+        try:
+            for container in store.containers():
+                for page in store.list_uploads(container, match.prefixes):
+                    pacer.acquire()
+                    for upload in page.uploads:
+                        if not match.matches_key(upload.key):
+                            continue
+                        age = page.server_time - upload.initiated
+                        pending.append((upload, age, pool.submit(measure, upload)))
+                        while len(pending) >= window:
+                            done_upload, done_age, future = pending.popleft()
+                            parts = future.result()
+                            if parts is not None:
+                                yield item(done_upload, done_age, parts)
+            while pending:
+                done_upload, done_age, future = pending.popleft()
+                parts = future.result()
+                if parts is not None:
+                    yield item(done_upload, done_age, parts)
+        finally:
+            if own_cancel:
+                cancel.set()  # a consumer that stops early stops the workers too
+            for _, _, future in pending:
+                future.cancel()

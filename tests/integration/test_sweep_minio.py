@@ -213,6 +213,13 @@ def test_cli_sweep_json_summary(minio: MinioServer, s3: Any, bucket: str, tmp_pa
     uploads = last_json(listing.stdout)["uploads"]
     assert [(u["key"], u["bytes"], u["state"]) for u in uploads] == [("tmp/a", 30, "eligible")]
 
+    table = run_cli("list", "-f", str(path), env=minio.env())
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["BUCKET", "AGE", "PARTS", "BYTES", "STATE", "UPLOAD", "ID", "KEY"]
+    assert lines[1].split()[2:5] == ["2", "30", "B"] and lines[1].endswith("tmp/a")
+    assert "eligible" in lines[1] and lines[-1] == "1 incomplete uploads"
+
     dry = run_cli("sweep", "-f", str(path), "--dry-run", "--output", "json", env=minio.env())
     assert dry.returncode == 0, dry.stderr
     assert last_json(dry.stdout)["eligibleBytes"] == 30
