@@ -297,9 +297,8 @@ def test_policy_lifecycle_with_kubectl(
     ) in metrics
 
     # Delete: returns at once, and the policy's series leave /metrics.
-    started = time.monotonic()
+    # (kubectl fails if the object is not gone within 30 s: no finalizer holds it.)
     plane.kubectl("delete", "ulp", "stale", "-n", namespace, "--timeout=30s")
-    assert time.monotonic() - started < 30
     wait_for(
         lambda: 'policy="stale"' not in admin_operator.metrics(),
         timeout=30,

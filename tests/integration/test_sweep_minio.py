@@ -272,14 +272,12 @@ def test_cli_unreachable_endpoint(minio: MinioServer, tmp_path: Path) -> None:
     from tests.support.controlplane import free_port
 
     path = write_policy(tmp_path, policy_doc(f"http://127.0.0.1:{free_port()}", ["b-1"]))
-    started = time.monotonic()
     result = run_cli("sweep", "-f", str(path), "--output", "json", env=minio.env())
     assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
     summary = last_json(result.stdout)
     assert summary["reason"] == "StoreUnreachable"
     assert "Could not connect" in summary["errors"][0]["message"]
-    assert time.monotonic() - started < 120
 
 
 def test_cli_bad_policy_names_the_field(tmp_path: Path) -> None:
