@@ -52,6 +52,7 @@ class Mode(StrEnum):
 
 S3_PROFILES = ("AWS", "MinIO", "Ceph", "Scality", "TencentCOS", "Generic")  # = profiles.yaml
 REQUEST_PAYERS = ("Requester",)
+MAX_CONCURRENCY = 256  # spec.limits.concurrency; the stores' connection pools are this large
 # The operator accepts LILT inventories only under this directory (--lilt-inventory-dir).
 DEFAULT_LILT_INVENTORY_DIR = "/var/lib/mpu-janitor/lilt"
 
@@ -449,7 +450,7 @@ def parse_spec(spec: Any, *, name: str, namespace: str, generation: int | None =
         requests_per_second=float(
             lim.number("requestsPerSecond", 100, low=0.1, high=10_000, integer=False)
         ),
-        concurrency=int(lim.number("concurrency", 16, low=1, high=256, integer=True)),
+        concurrency=int(lim.number("concurrency", 16, low=1, high=MAX_CONCURRENCY, integer=True)),
     )
     suspend = f.boolean("suspend", False)
     return Policy(name, namespace, store, match, interval, mode, limits, suspend, generation)

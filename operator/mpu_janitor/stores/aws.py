@@ -13,6 +13,7 @@ import botocore.config
 import botocore.exceptions
 
 from mpu_janitor import __version__
+from mpu_janitor.policy import MAX_CONCURRENCY
 from mpu_janitor.stores.base import RequestObserver, StoreCredentials
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,14 @@ CONNECTION_ERRORS = (
 def client_config(
     region: str, *, read_timeout: float = 30.0, **extra: Any
 ) -> botocore.config.Config:
-    """Explicit retries, short timeouts, a pool large enough for any policy's concurrency."""
+    """Explicit retries, short timeouts, a pool as large as any policy's concurrency."""
     return botocore.config.Config(
         region_name=region,
         retries={"mode": "standard", "max_attempts": MAX_RETRIES},
         connect_timeout=5,
         read_timeout=read_timeout,
-        max_pool_connections=64,
+        # Never fewer connections than a sweep's workers (pools fill lazily: no cost unused).
+        max_pool_connections=MAX_CONCURRENCY,
         user_agent_extra=f"mpu-janitor/{__version__}",
         **extra,
     )

@@ -73,7 +73,7 @@ from typing import Any
 import urllib3
 
 from mpu_janitor import __version__
-from mpu_janitor.policy import LiltTarget
+from mpu_janitor.policy import MAX_CONCURRENCY, LiltTarget
 from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
@@ -312,7 +312,7 @@ class LiltStore:
                 {"Accept": "application/json", "User-Agent": f"mpu-janitor/{__version__}"}
             )
         self._http = urllib3.PoolManager(
-            maxsize=64,
+            maxsize=MAX_CONCURRENCY,  # one connection per sweep worker at most
             timeout=urllib3.Timeout(connect=5.0, read=read_timeout),
             # Retry only what never reached LILT (connecting). A cancel whose answer was lost may
             # have been done: a blind retry would see 404 and call our own work "already gone".
