@@ -34,6 +34,7 @@ from mpu_janitor.sweep import SweepResult, TargetLocks, run_sweep
 log = logging.getLogger(__name__)
 
 SWEEP_NOW_ANNOTATION = "mpu-janitor.dev/sweep-now"
+STANDBY_RECHECK_SECONDS = 5.0  # a standby replica's look at the peering object
 JITTER = 0.1  # +-10% of the interval, so policies created together drift apart
 RETRY_AFTER_PROBLEM = timedelta(minutes=1)  # credentials missing: look again soon
 
@@ -206,15 +207,19 @@ class Scheduler:
                 for e in self.entries.values()
                 if e.due is not None and e.due <= now and (e.task is None or e.task.done())
             ]
-            if due and await self.is_active():
-                for entry in due:
-                    entry.due = None
-                    entry.cancel = threading.Event()
-                    entry.task = asyncio.create_task(
-                        self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
-                    )
+            standby = False
+            if due:
+                if await self.is_active():
+                    for entry in due:
+                        entry.due = None
+                        entry.cancel = threading.Event()
+                        entry.task = asyncio.create_task(
+                            self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
+                        )
+                else:
+                    standby = True  # another replica sweeps; ask again in a while
             waits = [e.due - now for e in self.entries.values() if e.due is not None]
-            timeout = max(0.05, min([5.0, *waits]))
+            timeout = STANDBY_RECHECK_SECONDS if standby else max(0.05, min([5.0, *waits]))
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)

@@ -140,3 +140,25 @@ async def test_delete_forgets_the_policy() -> None:
     assert ("ns", "p") not in sched.entries
     assert entry.cancel.is_set() and entry.deleted
     assert not sched.metrics._policies
+
+
+async def test_a_standby_replica_neither_sweeps_nor_spins() -> None:
+    kube = RecordingKube()
+    asked: list[float] = []
+
+    async def never_active() -> bool:
+        asked.append(time.monotonic())
+        return False
+
+    async def post(*_: Any) -> None:
+        pass
+
+    sched = Scheduler(kube, MetricsState(), post, is_active=never_active)  # type: ignore[arg-type]
+    sched.upsert(body("p", S3))
+    sched.start()
+    await asyncio.sleep(1.0)
+    await sched.stop()
+    entry = sched.entries[("ns", "p")]
+    assert entry.task is None  # never swept
+    assert entry.due is not None  # still due, for when this replica becomes the active one
+    assert len(asked) == 1  # one look, then a pause instead of a busy loop
