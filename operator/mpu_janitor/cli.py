@@ -13,12 +13,20 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TextIO
 
 import yaml
 
 from mpu_janitor import __version__
-from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, KIND, Policy, PolicyError, parse_policy
+from mpu_janitor.policy import (
+    DEFAULT_LILT_INVENTORY_DIR,
+    KIND,
+    Mode,
+    Policy,
+    PolicyError,
+    parse_policy,
+)
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
@@ -59,7 +67,7 @@ def load_policy_file(path: str) -> Policy:
     return parse_policy(policies[0])
 
 
-def cli_credentials(policy: Policy) -> StoreCredentials | None:
+def cli_credentials() -> StoreCredentials | None:
     """The CLI uses the standard AWS chain (env, profile, IRSA); LILT reads LILT_API_KEY."""
     api_key = os.environ.get("LILT_API_KEY")
     return StoreCredentials(api_key=api_key) if api_key else None
@@ -143,12 +151,8 @@ def print_sweep(result: SweepResult, out: TextIO) -> None:
 def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     policy = load_policy_file(args.file)
     if args.dry_run:
-        from dataclasses import replace
-
-        from mpu_janitor.policy import Mode
-
         policy = replace(policy, mode=Mode.DRY_RUN)
-    store = open_store(policy.store, cli_credentials(policy))
+    store = open_store(policy.store, cli_credentials())
     progress = Progress(err)
     cancel = threading.Event()
     try:
@@ -171,7 +175,7 @@ def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Streams the inventory: rows are printed as they are measured, never all held at once."""
     policy = load_policy_file(args.file)
-    store = open_store(policy.store, cli_credentials(policy))
+    store = open_store(policy.store, cli_credentials())
     json_output = args.output == "json"
     width = max([len(b) for b in (policy.store.s3.buckets if policy.store.s3 else ())] + [12])
     count = 0
