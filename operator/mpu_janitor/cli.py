@@ -225,6 +225,20 @@ def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def command_lilt_record(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from mpu_janitor.stores.lilt import record_upload
+
+    try:
+        record_upload(
+            args.inventory, args.upload_id, args.key, filename=args.filename, size=args.size
+        )
+    except ValueError as error:
+        raise PolicyError("lilt-record", str(error)) from None
+    except OSError as error:
+        raise PolicyError("--inventory", f"{args.inventory}: {error.strerror}") from None
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpu-janitor",
@@ -244,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("-f", "--file", required=True, help="an UploadLifecyclePolicy YAML file")
     listing.add_argument("--output", "-o", choices=("table", "json"), default="table")
     listing.set_defaults(run=command_list)
+
+    record = commands.add_parser(
+        "lilt-record",
+        help="record a LILT multipart upload in an inventory (for uploaders, after initiate)",
+    )
+    record.add_argument("--inventory", required=True, help="the policy's lilt.inventoryPath")
+    record.add_argument("--upload-id", required=True, help="uploadId from the initiate response")
+    record.add_argument("--key", required=True, help="key (the S3 key) from that response")
+    record.add_argument("--size", type=int, help="the file size declared at initiation")
+    record.add_argument("--filename", help="the file's name, for people reading the inventory")
+    record.set_defaults(run=command_lilt_record)
 
     operator = commands.add_parser("operator", help="run the Kubernetes operator")
     scope = operator.add_mutually_exclusive_group()

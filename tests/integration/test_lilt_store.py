@@ -555,3 +555,54 @@ def test_a_prune_that_fails_does_not_fail_the_close(
 
     assert "could not prune" in caplog.text
     assert [r["uploadId"] for r in records(inventory)] == [upload.upload_id]
+
+
+def test_uploaders_record_with_the_cli(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    inventory_file = tmp_path / "inventory.jsonl"
+    script = Path(sys.executable).parent / "mpu-janitor"
+    for upload_id, key in (("u-1", "uploads/a.bin"), ("u-2", "uploads/b.bin")):
+        done = subprocess.run(
+            [
+                str(script),
+                "lilt-record",
+                "--inventory",
+                str(inventory_file),
+                "--upload-id",
+                upload_id,
+                "--key",
+                key,
+                "--size",
+                "1024",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in inventory_file.read_text().splitlines()]
+    assert [(r["uploadId"], r["key"], r["size"]) for r in records] == [
+        ("u-1", "uploads/a.bin", 1024),
+        ("u-2", "uploads/b.bin", 1024),
+    ]
+    bad = subprocess.run(
+        [
+            str(script),
+            "lilt-record",
+            "--inventory",
+            str(inventory_file),
+            "--upload-id",
+            "u-3",
+            "--key",
+            "k",
+            "--size",
+            "-5",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "size" in bad.stderr and "Traceback" not in bad.stderr
