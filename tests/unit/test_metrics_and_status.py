@@ -172,3 +172,34 @@ def test_progress_is_shown_on_a_terminal_only() -> None:
     piped = io.StringIO()
     Progress(piped)(running)
     assert piped.getvalue() == ""
+
+
+def test_the_chart_uses_only_metrics_the_operator_exports() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    chart = Path(__file__).resolve().parents[2] / "charts" / "mpu-janitor"
+    state = MetricsState()
+    state.register_policy(
+        parse_policy(
+            {
+                "metadata": {"name": "p", "namespace": "n"},
+                "spec": {
+                    "store": {"type": "S3", "s3": {"buckets": ["b-1"]}},
+                    "match": {"olderThan": "1d"},
+                },
+            }
+        )
+    )
+    sweep = result(**{"b-1": BucketStats(listed=True)})
+    sweep.errors_by_reason["Throttled"] += 1
+    state.record_sweep(sweep)
+    state.count_request(("media", "stale"), "S3", "ListParts", "200")
+    exported = set(re.findall(r"^(mpu_janitor_[a-z_]+)[{ ]", scrape(state), re.MULTILINE))
+    dashboard = json.loads((chart / "dashboards" / "mpu-janitor.json").read_text())
+    expressions = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    expressions += (chart / "templates" / "prometheusrule.yaml").read_text()
+    used = set(re.findall(r"mpu_janitor_[a-z_]+", expressions))
+    assert used, "no metric found in the dashboard and rules"
+    assert used <= exported, used - exported
