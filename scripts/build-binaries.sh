@@ -136,6 +136,7 @@ GO
 
 build_helm() {
   local out; out=$(bin_path helm)
+  lock_build "helm-$HELM_VERSION"
   [[ -x "$out" ]] && return 0
   log "building helm $HELM_VERSION"
   local dir="$WORK_DIR/helm-$HELM_VERSION"
@@ -148,6 +149,7 @@ build_helm() {
 
 build_minio() {
   local out; out=$(bin_path minio)
+  lock_build "minio-$MINIO_VERSION"
   [[ -x "$out" ]] && return 0
   log "building minio $MINIO_VERSION"
   local dir="$WORK_DIR/minio"
@@ -161,6 +163,7 @@ build_minio() {
 # the replaces.
 build_promtool() {
   local out; out=$(bin_path promtool)
+  lock_build "promtool-$PROMETHEUS_VERSION"
   [[ -x "$out" ]] && return 0
   log "building promtool $PROMETHEUS_VERSION"
   local dir="$WORK_DIR/promtool-$PROMETHEUS_VERSION" tag="${PROMETHEUS_VERSION#v0.}"
@@ -168,7 +171,8 @@ build_promtool() {
   mkdir -p "$dir"
   (
     cd "$dir"
-    if [[ ! -f go.mod ]]; then
+    if [[ ! -f .module-ready ]]; then
+      rm -f go.mod go.sum tools.go
       go mod init mpu-janitor.dev/promtool-build >/dev/null 2>&1
       local gomod replace
       gomod=$(go mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
@@ -183,6 +187,7 @@ package tools
 import _ "github.com/prometheus/prometheus/cmd/promtool"
 GO
       go get "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" >/dev/null
+      touch .module-ready
     fi
     go build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=$release" \
       -o "$out.tmp" github.com/prometheus/prometheus/cmd/promtool
