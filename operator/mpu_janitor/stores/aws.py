@@ -14,7 +14,13 @@ import botocore.exceptions
 
 from mpu_janitor import __version__
 from mpu_janitor.policy import MAX_CONCURRENCY
-from mpu_janitor.stores.base import RequestObserver, StoreCredentials
+from mpu_janitor.stores.base import (
+    AccessDenied,
+    RequestObserver,
+    StoreCredentials,
+    StoreError,
+    StoreUnreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +118,15 @@ def server_time(response: dict[str, Any], service: str) -> datetime:
     # AWS always sends Date; only a broken proxy or store would strip it.
     log.warning("%s response without a usable Date header: using the local clock", service)
     return datetime.now(UTC)
+
+
+def translate_transport_error(error: Exception, container: str | None) -> Exception:
+    """A botocore failure that is not an error response (no credentials, no connection) in the
+    engine's vocabulary; anything else is returned unchanged."""
+    if isinstance(error, botocore.exceptions.NoCredentialsError):
+        return AccessDenied(f"no AWS credentials found: {error}", container=container)
+    if isinstance(error, CONNECTION_ERRORS):
+        return StoreUnreachable(str(error), container=container)
+    if isinstance(error, botocore.exceptions.BotoCoreError):
+        return StoreError(str(error), container=container)
+    return error

@@ -34,7 +34,12 @@ from typing import Any
 import botocore.exceptions
 
 from mpu_janitor.policy import GlacierTarget
-from mpu_janitor.stores.aws import CONNECTION_ERRORS, client_config, make_client, server_time
+from mpu_janitor.stores.aws import (
+    client_config,
+    make_client,
+    server_time,
+    translate_transport_error,
+)
 from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
@@ -140,13 +145,7 @@ def translate_error(error: Exception, container: str | None, *, listing: bool) -
         if code in _BAD_REQUEST_CODES:
             return InvalidTarget(message, container=container)
         return StoreError(message, container=container)
-    if isinstance(error, botocore.exceptions.NoCredentialsError):
-        return AccessDenied(f"no AWS credentials found: {error}", container=container)
-    if isinstance(error, CONNECTION_ERRORS):
-        return StoreUnreachable(str(error), container=container)
-    if isinstance(error, botocore.exceptions.BotoCoreError):
-        return StoreError(str(error), container=container)
-    return error
+    return translate_transport_error(error, container)
 
 
 class GlacierStore:

@@ -14,7 +14,12 @@ from typing import Any
 import botocore.exceptions
 
 from mpu_janitor.policy import S3Target
-from mpu_janitor.stores.aws import CONNECTION_ERRORS, client_config, make_client, server_time
+from mpu_janitor.stores.aws import (
+    client_config,
+    make_client,
+    server_time,
+    translate_transport_error,
+)
 from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
@@ -23,7 +28,6 @@ from mpu_janitor.stores.base import (
     RequestObserver,
     StoreCredentials,
     StoreError,
-    StoreUnreachable,
     Throttled,
     Upload,
     UploadGone,
@@ -103,13 +107,7 @@ def translate_error(error: Exception, container: str | None) -> Exception:
         if code in _BAD_TARGET_CODES or status in _BAD_TARGET_CODES:
             return InvalidTarget(message, container=container)
         return StoreError(message, container=container)
-    if isinstance(error, botocore.exceptions.NoCredentialsError):
-        return AccessDenied(f"no credentials found: {error}", container=container)
-    if isinstance(error, CONNECTION_ERRORS):
-        return StoreUnreachable(str(error), container=container)
-    if isinstance(error, botocore.exceptions.BotoCoreError):
-        return StoreError(str(error), container=container)
-    return error
+    return translate_transport_error(error, container)
 
 
 class S3Store:
