@@ -34,13 +34,14 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socketserver import TCPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+
+from tests.support.fake_http import FakeHTTPService
 
 GLACIER_VERSION = "2012-06-01"
 MAX_SKEW = timedelta(minutes=15)
@@ -120,8 +121,10 @@ def _iso(moment: datetime) -> str:
     )
 
 
-class FakeGlacier:
+class FakeGlacier(FakeHTTPService):
     """A Glacier endpoint on 127.0.0.1 (a free port); use as a context manager."""
+
+    thread_name = "fake-glacier"
 
     def __init__(
         self,
@@ -135,45 +138,10 @@ class FakeGlacier:
         self.secret_key = secret_key
         self.region = region
         self.account_id = account_id
-        self.clock_offset = timedelta(0)
+        super().__init__()
         self.abort_grace = timedelta(seconds=60)
         self._state = _State()
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def start(self) -> FakeGlacier:
-        handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = _Server(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-glacier"
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeGlacier:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    # -- the server's clock ----------------------------------------------------------------------
-
-    def now(self) -> datetime:
-        return datetime.now(UTC) + self.clock_offset
 
     # -- fixtures --------------------------------------------------------------------------------
 
@@ -459,15 +427,6 @@ class FakeGlacier:
                 )
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN, which can take a second: skip it.
-        TCPServer.server_bind(self)
-        self.server_name, self.server_port = "127.0.0.1", int(self.server_address[1])
-
-
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeGlacier
     protocol_version = "HTTP/1.1"  # keep-alive, as boto3's connection pool expects
@@ -523,3 +482,6 @@ class _Handler(BaseHTTPRequestHandler):
     do_DELETE = _serve
     do_POST = _serve
     do_PUT = _serve
+
+
+FakeGlacier.handler = _Handler

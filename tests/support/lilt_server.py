@@ -27,10 +27,11 @@ import secrets
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from socketserver import TCPServer
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.support.fake_http import FakeHTTPService
 
 _CANCEL_PREFIX = "/v2/upload/s3/multipart/"
 
@@ -55,12 +56,14 @@ class Received:
     status: int
 
 
-class FakeLilt:
+class FakeLilt(FakeHTTPService):
     """The LILT upload API on 127.0.0.1 (a free port); use as a context manager."""
+
+    thread_name = "fake-lilt"
 
     def __init__(self, api_key: str = "lilt-test-api-key") -> None:
         self.api_key = api_key
-        self.clock_offset = timedelta(0)
+        super().__init__()
         self.send_date = True
         self.repeat_cancel_status = 404  # S3 semantics; 200 models an idempotent cancel
         self._uploads: dict[str, FakeLiltUpload] = {}
@@ -68,37 +71,6 @@ class FakeLilt:
         self._throttle_left = 0
         self._requests: list[Received] = []
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def start(self) -> FakeLilt:
-        handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = _Server(("127.0.0.1", 0), handler)
-        threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), daemon=True, name="fake-lilt"
-        ).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeLilt:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def now(self) -> datetime:
-        return datetime.now(UTC) + self.clock_offset
 
     # -- fixtures and switches -------------------------------------------------------------------
 
@@ -221,15 +193,6 @@ class FakeLilt:
             self._requests.append(received)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN, which can take a second: skip it.
-        TCPServer.server_bind(self)
-        self.server_name, self.server_port = "127.0.0.1", int(self.server_address[1])
-
-
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeLilt
     protocol_version = "HTTP/1.1"
@@ -272,3 +235,6 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = _serve
     do_DELETE = _serve
     do_PUT = _serve
+
+
+FakeLilt.handler = _Handler
