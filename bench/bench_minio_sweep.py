@@ -33,7 +33,7 @@ from typing import Any
 
 from mpu_janitor.policy import Mode
 from mpu_janitor.stores import open_store
-from mpu_janitor.stores.base import Store, StoreCredentials, UploadPage
+from mpu_janitor.stores.base import Pace, Store, StoreCredentials, UploadPage, unpaced
 from mpu_janitor.sweep import inventory, run_sweep
 from tests.integration.helpers import (
     last_json,
@@ -85,7 +85,9 @@ class PageCounter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
 
-    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+    def list_uploads(
+        self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
+    ) -> Iterator[UploadPage]:
         for page in self.store.list_uploads(container, prefixes):
             self.page_sizes.append(len(page.uploads))
             yield page

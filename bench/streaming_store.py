@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from mpu_janitor.stores.base import PartsSummary, Upload, UploadGone, UploadPage
+from mpu_janitor.stores.base import Pace, PartsSummary, Upload, UploadGone, UploadPage, unpaced
 
 SERVER_NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 OLD = timedelta(days=2)
@@ -99,7 +99,9 @@ class StreamingStore:
     def containers(self) -> list[str]:
         return [self.container]
 
-    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+    def list_uploads(
+        self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
+    ) -> Iterator[UploadPage]:
         if container != self.container:
             return
         for start in range(0, self.count, self.page_size):
@@ -110,7 +112,7 @@ class StreamingStore:
                 self.listed += len(uploads)
             yield UploadPage(uploads, SERVER_NOW)
 
-    def measure(self, upload: Upload) -> PartsSummary:
+    def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
         index = self._index(upload)
         with self._lock:
             self.measures += 1

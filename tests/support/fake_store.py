@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from mpu_janitor.stores.base import (
+    Pace,
     PartsSummary,
     Throttled,
     Upload,
     UploadGone,
     UploadPage,
     UploadReplaced,
+    unpaced,
 )
 
 SERVER_NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -67,7 +69,9 @@ class FakeStore:
     def containers(self) -> list[str]:
         return sorted({u.upload.container for u in self.uploads.values()}) or ["bucket"]
 
-    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+    def list_uploads(
+        self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
+    ) -> Iterator[UploadPage]:
         items = [u.upload for u in list(self.uploads.values()) if u.upload.container == container]
         for start in range(0, len(items), self.page_size):
             page = items[start : start + self.page_size]
@@ -75,7 +79,7 @@ class FakeStore:
                 self.yielded += len(page)
             yield UploadPage(page, self.server_now)
 
-    def measure(self, upload: Upload) -> PartsSummary:
+    def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
         self._throttle()
         with self.lock:
             self.calls.append(("measure", upload.key))

@@ -216,7 +216,7 @@ def test_two_sweeps_of_one_target_never_overlap() -> None:
     overlap = []
 
     class SlowStore(FakeStore):
-        def list_uploads(self, container: str, prefixes: Any) -> Any:
+        def list_uploads(self, container: str, prefixes: Any, pace: Any = None) -> Any:
             nonlocal active
             active += 1
             overlap.append(active)

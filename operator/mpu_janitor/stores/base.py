@@ -10,14 +10,32 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 # (operation, code) -> None; code is an HTTP status or an error code such as "Timeout".
 RequestObserver = Callable[[str, str], None]
 
+T = TypeVar("T")
+
 
 def ignore_requests(operation: str, code: str) -> None:
     """The default observer."""
+
+
+class Pace(Protocol):
+    """How a store sends one request on the engine's behalf: the engine waits for a rate
+    token, retries the request itself when the store throttles (so a throttled page is
+    retried, never the whole listing), and raises ``Cancelled`` before a request when the
+    sweep is being stopped. Stores send every page of a listing through it, one request per
+    call; ``finish=True`` marks a request that must go out even during a stop (verifying an
+    abort already sent)."""
+
+    def __call__(self, request: Callable[[], T], *, finish: bool = False) -> T: ...
+
+
+def unpaced(request: Callable[[], T], *, finish: bool = False) -> T:
+    """The Pace of a caller with no rate limit (tests, one-off calls): send it now."""
+    return request()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +147,17 @@ class Store(Protocol):
         """The buckets or vaults to sweep (resolving a bucket pattern if there is one)."""
         ...
 
-    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
-        """Incomplete uploads of one container, page by page. ``prefixes`` is a hint: the
-        store may return uploads outside them (the engine filters), never fewer."""
+    def list_uploads(
+        self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
+    ) -> Iterator[UploadPage]:
+        """Incomplete uploads of one container, page by page, each page one request sent
+        through ``pace``. ``prefixes`` is a hint: the store may return uploads outside them
+        (the engine filters), never fewer."""
         ...
 
-    def measure(self, upload: Upload) -> PartsSummary:
-        """All pages of the parts listing. Raises UploadGone."""
+    def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
+        """All pages of the parts listing, each page one request sent through ``pace``.
+        Raises UploadGone."""
         ...
 
     def abort(self, upload: Upload) -> None:

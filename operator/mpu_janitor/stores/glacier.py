@@ -44,6 +44,7 @@ from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
     InvalidTarget,
+    Pace,
     PartsSummary,
     RequestObserver,
     StoreCredentials,
@@ -53,6 +54,7 @@ from mpu_janitor.stores.base import (
     Upload,
     UploadGone,
     UploadPage,
+    unpaced,
 )
 
 log = logging.getLogger(__name__)
@@ -179,7 +181,9 @@ class GlacierStore:
     def containers(self) -> list[str]:
         return list(self.target.vaults)
 
-    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+    def list_uploads(
+        self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
+    ) -> Iterator[UploadPage]:
         """All incomplete uploads of a vault; Glacier has no prefix filter, so ``prefixes`` is
         left to the engine."""
         marker: str | None = None
@@ -228,7 +232,7 @@ class GlacierStore:
                 )
             marker = next_marker
 
-    def measure(self, upload: Upload) -> PartsSummary:
+    def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
         """Bytes held = the sum of the parts' ``RangeInBytes`` spans over every page.
 
         ``newest_part`` is always None: Glacier parts carry no timestamp (see the module

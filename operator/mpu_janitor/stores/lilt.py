@@ -78,6 +78,7 @@ from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
     InvalidTarget,
+    Pace,
     PartsSummary,
     RequestObserver,
     StoreCredentials,
@@ -87,6 +88,7 @@ from mpu_janitor.stores.base import (
     Upload,
     UploadGone,
     UploadPage,
+    unpaced,
 )
 
 log = logging.getLogger(__name__)
@@ -490,7 +492,9 @@ class LiltStore:
     def containers(self) -> list[str]:
         return [CONTAINER]
 
-    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+    def list_uploads(
+        self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
+    ) -> Iterator[UploadPage]:
         """The inventory, streamed in pages of 1,000 records, each page timed by LILT's clock."""
         if container != CONTAINER:
             raise ContainerNotFound(
@@ -559,7 +563,7 @@ class LiltStore:
             pass
         raise UploadGone(f"upload {upload.upload_id} is no longer in the inventory")
 
-    def measure(self, upload: Upload) -> PartsSummary:
+    def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
         """The recorded size (LILT has no parts listing). For an upload we cancelled, the cancel
         is repeated to verify it: 404 raises UploadGone (see the module docstring)."""
         with self._lock:

@@ -24,6 +24,7 @@ from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
     InvalidTarget,
+    Pace,
     PartsSummary,
     RequestObserver,
     StoreCredentials,
@@ -33,6 +34,7 @@ from mpu_janitor.stores.base import (
     UploadGone,
     UploadPage,
     UploadReplaced,
+    unpaced,
 )
 from mpu_janitor.stores.profiles import S3Profile, profile
 
@@ -162,7 +164,9 @@ class S3Store:
             if fnmatch.fnmatchcase(b["Name"], pattern)
         )
 
-    def list_uploads(self, container: str, prefixes: Sequence[str]) -> Iterator[UploadPage]:
+    def list_uploads(
+        self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
+    ) -> Iterator[UploadPage]:
         if self.profile.prefix_is_exact_key or not prefixes:
             listing_prefixes = [""]
         else:
@@ -188,7 +192,7 @@ class S3Store:
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 raise translate_error(error, container) from error
 
-    def measure(self, upload: Upload) -> PartsSummary:
+    def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
         paginator = self.client.get_paginator("list_parts")
         size = count = 0
         newest: datetime | None = None
