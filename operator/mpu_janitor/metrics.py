@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from mpu_janitor import __version__
 from mpu_janitor.policy import Policy
-from mpu_janitor.sweep import SweepResult
+from mpu_janitor.sweep import NOTICE_REASONS, SweepResult
 
 PREFIX = "mpu_janitor_"
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -31,6 +31,7 @@ ABORT_RESULTS = {
     "aborted": "aborted",
     "already_gone": "already_gone",
     "replaced": "replaced",
+    "protected": "protected",
     "failed": "failed",
 }
 
@@ -114,7 +115,8 @@ class MetricsState(Collector):
                 for bucket in set(series.gauges) - set(result.buckets):
                     del series.gauges[bucket]
             for reason, count in result.errors_by_reason.items():
-                series.errors[reason] += count
+                if reason not in NOTICE_REASONS:  # counted as aborted_uploads_total{protected}
+                    series.errors[reason] += count
             if result.ok and result.finished is not None:
                 series.last_success = result.finished.timestamp()
             duration = result.duration_seconds

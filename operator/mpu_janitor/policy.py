@@ -50,6 +50,10 @@ class Mode(StrEnum):
     DRY_RUN = "DryRun"
 
 
+# What an abort does when an object exists at the upload's key (stores where an abort may
+# delete that object: profiles.yaml `abort_may_delete_object`): Never abort, abort only if
+# the object is older than the upload (IfObjectOlder), or abort without looking (Always).
+OBJECT_AT_KEY_RULES = ("Never", "IfObjectOlder", "Always")
 S3_PROFILES = ("AWS", "MinIO", "Ceph", "Scality", "TencentCOS", "Generic")  # = profiles.yaml
 REQUEST_PAYERS = ("Requester",)
 MAX_CONCURRENCY = 256  # spec.limits.concurrency; the stores' connection pools are this large
@@ -103,6 +107,8 @@ class S3Target:
     bucket_pattern: str | None
     expected_bucket_owner: str | None
     request_payer: str | None
+    # Never | IfObjectOlder | Always; None: the profile's default (see profiles.yaml)
+    abort_when_key_has_object: str | None = None
 
     def selects(self, bucket: str) -> bool:
         """Whether a bucket from ListBuckets belongs to this policy (pattern mode)."""
@@ -296,6 +302,7 @@ def _parse_s3(data: Any, path: str) -> S3Target:
             "bucketPattern",
             "expectedBucketOwner",
             "requestPayer",
+            "abortWhenKeyHasObject",
         ),
     )
     endpoint = _endpoint(f, "endpoint")
@@ -319,7 +326,8 @@ def _parse_s3(data: Any, path: str) -> S3Target:
     payer = f.choice("requestPayer", REQUEST_PAYERS)
     region = f.string("region", "us-east-1")
     assert region is not None
-    return S3Target(endpoint, region, profile, buckets, pattern, owner, payer)
+    object_rule = f.choice("abortWhenKeyHasObject", OBJECT_AT_KEY_RULES)
+    return S3Target(endpoint, region, profile, buckets, pattern, owner, payer, object_rule)
 
 
 def _parse_glacier(data: Any, path: str) -> GlacierTarget:

@@ -29,7 +29,7 @@ from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, Policy, PolicyError, 
 from mpu_janitor.status import problem_status, sweep_message, sweep_status
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import StoreCredentials
-from mpu_janitor.sweep import SweepResult, TargetLocks, run_sweep
+from mpu_janitor.sweep import NOTICE_REASONS, SweepResult, TargetLocks, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +300,9 @@ class Scheduler:
             by_reason.setdefault(issue.reason, []).append(issue.message)
         for reason, messages in by_reason.items():
             count = result.errors_by_reason.get(reason, len(messages))
+            what = "upload(s) protected" if reason in NOTICE_REASONS else "failure(s)"
             await self.post_event(
-                entry.body, "Warning", reason, f"{count} failure(s), first: {messages[0]}"
+                entry.body, "Warning", reason, f"{count} {what}, first: {messages[0]}"
             )
 
     async def _after_cancel(self, entry: PolicyEntry, result: SweepResult) -> None:

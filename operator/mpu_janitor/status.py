@@ -81,6 +81,7 @@ def last_sweep(result: SweepResult) -> dict[str, Any]:
         "skippedActive",
         "alreadyGone",
         "replaced",
+        "protected",
         "deferred",
         "failed",
         "freedBytes",

@@ -21,6 +21,7 @@ from typing import Any
 from mpu_janitor.pacing import Cancelled, Pacer
 from mpu_janitor.policy import Policy
 from mpu_janitor.stores.base import (
+    AbortRefused,
     PartsSummary,
     Store,
     StoreError,
@@ -36,6 +37,8 @@ ABORT_ATTEMPTS = 3  # abort + verify rounds before an upload counts as failed
 VERIFY_BACKOFF_SECONDS = 0.5  # doubled each round: the stores say an abort may need repeating
 THROTTLE_RETRIES = 6  # per call, on top of boto3's own retries
 MAX_ISSUES = 20  # status stays small: keep the first few messages, count the rest
+# Issues that report the safety rules at work, not a failure: they leave the sweep Ready.
+NOTICE_REASONS = frozenset({"ObjectAtKey", "ObjectCheckFailed"})
 
 
 @dataclass
@@ -51,6 +54,7 @@ class BucketStats:
     aborted: int = 0  # verified gone after our abort
     already_gone: int = 0  # vanished before our abort took effect: not freed by us
     replaced: int = 0  # 412 on a conditional abort
+    protected: int = 0  # not aborted: an object at the key could be deleted with the upload
     deferred: int = 0  # eligible but past maxAbortsPerSweep
     failed: int = 0
     freed_bytes: int = 0
@@ -96,8 +100,12 @@ class SweepResult:
         return max(0, self.total("incomplete_bytes") - gone)
 
     @property
+    def failures(self) -> list[SweepIssue]:
+        return [issue for issue in self.issues if issue.reason not in NOTICE_REASONS]
+
+    @property
     def ok(self) -> bool:
-        return not self.issues and self.failed == 0 and not self.cancelled
+        return not self.failures and self.failed == 0 and not self.cancelled
 
     @property
     def reason(self) -> str:
@@ -106,7 +114,7 @@ class SweepResult:
             return "SweepSucceeded"
         if self.cancelled:
             return "SweepCancelled"
-        reasons = [issue.reason for issue in self.issues]
+        reasons = [issue.reason for issue in self.failures]
         listed_any = any(stats.listed for stats in self.buckets.values())
         if reasons and not listed_any:
             return reasons[0]
@@ -134,6 +142,7 @@ class SweepResult:
             "skippedActive": self.total("skipped_active"),
             "alreadyGone": self.total("already_gone"),
             "replaced": self.total("replaced"),
+            "protected": self.total("protected"),
             "deferred": self.total("deferred"),
             "failed": self.failed,
             "freedBytes": self.freed_bytes,
@@ -303,6 +312,10 @@ class _Sweep:
                 return
             except UploadReplaced:
                 self.add(container, replaced=1)
+                return
+            except AbortRefused as refused:
+                self.add(container, protected=1)
+                self.issue(refused.reason, str(refused), container)
                 return
             try:
                 self.call(self.store.measure, upload, finish=True)

@@ -173,6 +173,7 @@ def test_status_schema(schema: dict[str, Any]) -> None:
         "skippedActive",
         "alreadyGone",
         "replaced",
+        "protected",
         "deferred",
         "failed",
         "freedBytes",

@@ -190,3 +190,20 @@ def test_glacier_and_lilt() -> None:
     doc = with_spec("store", {"type": "LILT", "lilt": {"inventoryPath": "/var/lib/x.jsonl"}})
     policy = parse_policy(doc)
     assert policy.store.lilt is not None and policy.store.lilt.endpoint == "https://api.lilt.com"
+
+
+def test_abort_when_key_has_object_is_a_choice_with_a_profile_default() -> None:
+    from mpu_janitor.stores.profiles import profile
+
+    def target(**s3: Any) -> Any:
+        body = {"endpoint": "https://s3.example", "profile": "Scality", "buckets": ["media"], **s3}
+        spec = {"store": {"type": "S3", "s3": body}, "match": {"olderThan": "1d"}}
+        return parse_policy({"metadata": {"name": "p", "namespace": "n"}, "spec": spec})
+
+    assert target().store.s3.abort_when_key_has_object is None
+    assert profile("Scality").default_object_rule == "Never"
+    assert profile("MinIO").default_object_rule == "Always"
+    chosen = target(abortWhenKeyHasObject="IfObjectOlder").store.s3
+    assert chosen.abort_when_key_has_object == "IfObjectOlder"
+    with pytest.raises(PolicyError, match=r"spec\.store\.s3\.abortWhenKeyHasObject"):
+        target(abortWhenKeyHasObject="Sometimes")

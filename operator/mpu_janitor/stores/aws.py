@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.utils
 
 from mpu_janitor import __version__
 from mpu_janitor.policy import MAX_CONCURRENCY
@@ -73,9 +75,15 @@ def make_client(
             aws_secret_access_key=credentials.secret_access_key,
             aws_session_token=credentials.session_token,
         )
-    client = boto3.session.Session(**session_kwargs).client(
-        service, endpoint_url=endpoint, config=config
+    session = boto3.session.Session(**session_kwargs)
+    # Timestamps without a zone are UTC (botocore would read them in the operator's local
+    # zone: at UTC+9 every upload would look 9 hours older than it is).
+    session._session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_store_timestamp
     )
+    client = session.client(service, endpoint_url=endpoint, config=config)
+    if service == "s3":
+        client.meta.events.register("before-parse.s3", lowercase_xml_booleans)
 
     # ``response-received`` fires once per HTTP attempt, retries included, so throttled
     # attempts that boto3 retried still show in store_requests_total (``after-call`` fires
@@ -93,6 +101,32 @@ def make_client(
 
     client.meta.events.register(f"response-received.{service}", on_response)
     return client
+
+
+def parse_store_timestamp(value: Any) -> datetime:
+    """botocore's timestamp parser, with UTC for a time that carries no zone (Tencent COS
+    documents zone-less ``2017-01-18T16:04:17`` and ``Wed Jan 18 16:04:17 2017`` forms)."""
+    moment: datetime = botocore.utils.parse_timestamp(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+_XML_BOOLEAN = re.compile(
+    rb"<(IsTruncated|IsLatest|BucketKeyEnabled)>\s*(TRUE|True|FALSE|False)\s*</\1>"
+)
+
+
+def lowercase_xml_booleans(response_dict: dict[str, Any] | None = None, **_: Any) -> None:
+    """Tencent COS documents ``<IsTruncated>TRUE</IsTruncated>``; botocore reads only
+    ``true`` as true, so a listing would silently end after its first page."""
+    if not response_dict:
+        return
+    body = response_dict.get("body")
+    if isinstance(body, bytes) and b"<IsTruncated>" in body:
+        response_dict["body"] = _XML_BOOLEAN.sub(
+            lambda m: b"<%s>%s</%s>" % (m[1], m[2].lower(), m[1]), body
+        )
 
 
 def attempt_code(response_dict: dict[str, Any] | None, exception: Exception | None) -> str:

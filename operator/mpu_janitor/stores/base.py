@@ -130,6 +130,16 @@ class UploadReplaced(Exception):
     """412 on a conditional abort: the key's upload is not the one we measured."""
 
 
+class AbortRefused(Exception):
+    """The store declined to send an abort that could destroy more than the upload (an object
+    at the key on stores where an abort may delete it). Not a failure: the upload is skipped,
+    counted as protected and reported under ``reason``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class Store(Protocol):
     """A store target: the buckets or vaults one policy covers, behind one set of credentials."""
 

@@ -19,6 +19,13 @@ class S3Profile:
     directory_buckets: bool
     bucket_suffix_regex: str | None = None
     self_expiry: str | None = None
+    abort_may_delete_object: bool = False
+    unknown_abort_answers_204: bool = False
+
+    @property
+    def default_object_rule(self) -> str:
+        """spec.store.s3.abortWhenKeyHasObject when the policy does not say."""
+        return "Never" if self.abort_may_delete_object else "Always"
 
     def bucket_name_problem(self, bucket: str) -> str | None:
         """Why this provider would reject the bucket name, or None."""

@@ -21,6 +21,7 @@ from mpu_janitor.stores.aws import (
     translate_transport_error,
 )
 from mpu_janitor.stores.base import (
+    AbortRefused,
     AccessDenied,
     ContainerNotFound,
     InvalidTarget,
@@ -29,6 +30,7 @@ from mpu_janitor.stores.base import (
     RequestObserver,
     StoreCredentials,
     StoreError,
+    StoreUnreachable,
     Throttled,
     Upload,
     UploadGone,
@@ -64,6 +66,12 @@ _DENIED_CODES = {
 _GONE_CODES = {"NoSuchUpload"}
 _REPLACED_CODES = {"PreconditionFailed", "412"}
 _NO_BUCKET_CODES = {"NoSuchBucket"}
+# 400s that say the connection was too slow, not that the request was wrong: botocore's
+# standard retry mode already retries RequestTimeout; after the retries the store is
+# unreachable (a transient condition), never a bad spec.
+_SLOW_NETWORK_CODES = {"RequestTimeout", "RequestTimeoutException", "UserNetworkTooSlow"}
+# Tencent COS refuses path-style requests on its default domains.
+_PATH_STYLE_REFUSED_CODES = {"PathStyleDomainForbidden"}
 _BAD_TARGET_CODES = {
     "InvalidBucketName",
     "PermanentRedirect",
@@ -87,6 +95,13 @@ def minimal_prefixes(prefixes: Sequence[str]) -> list[str]:
     return kept
 
 
+def _retried(error: Exception) -> bool:
+    """Whether botocore sent this call more than once before the answer we got."""
+    if not isinstance(error, botocore.exceptions.ClientError):
+        return False
+    return int(error.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0) > 0
+
+
 def translate_error(error: Exception, container: str | None) -> Exception:
     """Map a botocore exception to the engine's vocabulary (see stores/base.py)."""
     if isinstance(error, botocore.exceptions.ClientError):
@@ -96,6 +111,14 @@ def translate_error(error: Exception, container: str | None) -> Exception:
         message = f"{code or status}: {info.get('Message') or error}"
         if code in _GONE_CODES:
             return UploadGone(message)
+        if code in _SLOW_NETWORK_CODES:
+            return StoreUnreachable(message, container=container)
+        if code in _PATH_STYLE_REFUSED_CODES:
+            return InvalidTarget(
+                f"{message} (the endpoint refuses path-style requests: use profile TencentCOS, "
+                "which addresses buckets virtual-hosted style)",
+                container=container,
+            )
         if code in _REPLACED_CODES or status == "412":
             return UploadReplaced(message)
         if code in _THROTTLE_CODES or status in ("503", "429"):
@@ -122,6 +145,7 @@ class S3Store:
     ) -> None:
         self.target = target
         self.profile: S3Profile = profile(target.profile)
+        self.object_rule = target.abort_when_key_has_object or self.profile.default_object_rule
         checksums = "when_supported" if self.profile.aws_checksums else "when_required"
         self.client = make_client(
             "s3",
@@ -217,12 +241,51 @@ class S3Store:
 
     def abort(self, upload: Upload) -> None:
         params = self._common(upload.container)
+        if self.object_rule != "Always":
+            self._check_object_at_key(upload, params)
         if is_directory_bucket(upload.container) and self.profile.directory_buckets:
             params["IfMatchInitiatedTime"] = upload.initiated
         try:
             self.client.abort_multipart_upload(**params, Key=upload.key, UploadId=upload.upload_id)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            translated = translate_error(error, upload.container)
+            if isinstance(translated, UploadGone) and _retried(error):
+                # An earlier attempt of this very call got no usable answer (connection
+                # dropped, timeout, 5xx) and botocore retried it: NoSuchUpload now most
+                # likely means that attempt aborted it. It is ours; the engine's verifying
+                # parts listing decides whether it is gone.
+                return
+            raise translated from error
+
+    def _check_object_at_key(self, upload: Upload, params: dict[str, Any]) -> None:
+        """Refuse the abort if an object at the key could be deleted with it (see
+        profiles.yaml ``abort_may_delete_object``). Any answer but "no object" (403, 5xx,
+        no connection) refuses too: safety that can't be proven is not assumed."""
+        try:
+            head = self.client.head_object(**params, Key=upload.key)
+        except botocore.exceptions.ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                return
+            raise AbortRefused(
+                "ObjectCheckFailed",
+                f"{upload.key}: not aborted: HeadObject on the key answered {status} "
+                f"({error.response.get('Error', {}).get('Code', '')}), so whether the abort "
+                "would delete an object there is unknown",
+            ) from error
+        except botocore.exceptions.BotoCoreError as error:
             raise translate_error(error, upload.container) from error
+        written = head["LastModified"].astimezone(UTC)
+        initiated = upload.initiated.replace(microsecond=0)  # LastModified has whole seconds
+        if self.object_rule == "IfObjectOlder" and written < initiated:
+            return
+        raise AbortRefused(
+            "ObjectAtKey",
+            f"{upload.key}: not aborted: an object written {written:%Y-%m-%dT%H:%M:%SZ} is at "
+            f"the key (upload initiated {upload.initiated:%Y-%m-%dT%H:%M:%SZ}) and an abort on "
+            f"profile {self.profile.name} may delete it (abortWhenKeyHasObject: "
+            f"{self.object_rule})",
+        )
 
     def forget(self, upload: Upload) -> None:
         """S3 keeps no inventory of ours."""
