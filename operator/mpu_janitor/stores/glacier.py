@@ -212,7 +212,8 @@ class GlacierStore:
                         container,
                         item.get("CreationDate"),
                     )
-                    created = now
+                    # (No clock either: the engine judges no age on this page at all.)
+                    created = now or datetime.max.replace(tzinfo=UTC)
                 uploads.append(
                     Upload(
                         container,
