@@ -42,7 +42,9 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def human_age(seconds: float) -> str:
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"  # the store sent no Date header: no age is judged
     seconds = int(seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -189,6 +191,9 @@ def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         for item in inventory(policy, store):
             state = "eligible" if item.eligible else ("active" if item.active else "young")
+            if item.age is None:
+                state = "no-clock"
+            age_seconds = None if item.age is None else int(item.age.total_seconds())
             upload = item.upload
             if json_output:
                 record = {
@@ -196,7 +201,7 @@ def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     "key": upload.key,
                     "uploadId": upload.upload_id,
                     "initiated": upload.initiated.isoformat(),
-                    "ageSeconds": int(item.age.total_seconds()),
+                    "ageSeconds": age_seconds,
                     "parts": item.part_count,
                     "bytes": item.size_bytes,
                     "state": state,
@@ -206,7 +211,7 @@ def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 upload_id = upload.upload_id
                 short_id = upload_id if len(upload_id) <= 20 else upload_id[:17] + "..."
                 out.write(
-                    f"{upload.container:<{width}}  {human_age(item.age.total_seconds()):>6}  "
+                    f"{upload.container:<{width}}  {human_age(age_seconds):>6}  "
                     f"{item.part_count:>5}  {human_bytes(item.size_bytes):>10}  {state:<8}  "
                     f"{short_id:<20}  {upload.key}\n"
                 )

@@ -1,12 +1,25 @@
 """Request pacing for one sweep: a thread-safe token bucket that slows down when the store
-throttles (503 SlowDown, LimitExceeded, 429) and ramps back up as calls succeed."""
+throttles (503 SlowDown, LimitExceeded, 429) and ramps back up as calls succeed, and the one
+way every store request of a sweep goes out (``Pacer.send``, the engine's ``Pace``)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+from mpu_janitor.stores.base import Throttled
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+THROTTLE_RETRIES = 6  # per request, on top of the store client's own retries
+MAX_RETRY_AFTER_SECONDS = 300.0  # a store asking for more is not believed (a bug or an attack)
+MAX_BACKOFF_SECONDS = 30.0
 
 
 class Cancelled(Exception):
@@ -57,21 +70,47 @@ class Pacer:
             else:
                 time.sleep(min(wait, 1.0))
 
+    def send(self, request: Callable[[], T], *, finish: bool = False) -> T:
+        """Send one store request: wait for a token, retry it alone when the store throttles
+        (backing off, honouring the wait the store asked for up to 300 s), and raise
+        ``Cancelled`` before sending when the sweep is being stopped. ``finish``: the request
+        goes out and is retried even during a stop (the parts listing that verifies an abort
+        already sent, so what it freed is counted)."""
+        for attempt in range(THROTTLE_RETRIES + 1):
+            self.acquire(cancellable=not finish)
+            try:
+                value = request()
+            except Throttled as error:
+                if attempt == THROTTLE_RETRIES:
+                    raise
+                log.info("throttled by the store; slowing down (attempt %d)", attempt + 1)
+                self.throttled(attempt, error.retry_after, cancellable=not finish)
+                continue
+            self.succeeded()
+            return value
+        raise AssertionError("unreachable")
+
     def succeeded(self) -> None:
         if self.rate < self.configured_rate:
             with self._lock:
                 self.rate = min(self.configured_rate, self.rate + self.configured_rate / 20)
 
-    def throttled(self, attempt: int, retry_after: float | None = None) -> None:
+    def throttled(
+        self, attempt: int, retry_after: float | None = None, *, cancellable: bool = True
+    ) -> None:
         """Halve the rate and sleep a jittered exponential backoff, or as long as the store
-        asked (cancellable)."""
+        asked (at most ``MAX_RETRY_AFTER_SECONDS``)."""
         with self._lock:
             self.rate = max(self.floor, self.rate / 2)
             self._tokens = 0.0
             self.throttle_events += 1
-        backoff = min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
-        self.sleep(max(backoff, retry_after or 0.0))
+        backoff = min(MAX_BACKOFF_SECONDS, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
+        asked = min(MAX_RETRY_AFTER_SECONDS, max(0.0, retry_after or 0.0))
+        self.sleep(max(backoff, asked), cancellable=cancellable)
 
-    def sleep(self, seconds: float) -> None:
-        if self.cancel.wait(seconds):
+    def sleep(self, seconds: float, *, cancellable: bool = True) -> None:
+        """Wait; a stop order ends a cancellable wait with ``Cancelled``."""
+        if not cancellable:
+            time.sleep(seconds)
+        elif self.cancel.wait(seconds):
             raise Cancelled()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from mpu_janitor.pacing import Cancelled, Pacer
 from mpu_janitor.policy import Policy
@@ -25,7 +25,6 @@ from mpu_janitor.stores.base import (
     PartsSummary,
     Store,
     StoreError,
-    Throttled,
     Upload,
     UploadGone,
     UploadReplaced,
@@ -33,9 +32,10 @@ from mpu_janitor.stores.base import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ABORT_ATTEMPTS = 3  # abort + verify rounds before an upload counts as failed
 VERIFY_BACKOFF_SECONDS = 0.5  # doubled each round: the stores say an abort may need repeating
-THROTTLE_RETRIES = 6  # per call, on top of boto3's own retries
 MAX_ISSUES = 20  # status stays small: keep the first few messages, count the rest
 # Issues that report the safety rules at work, not a failure: they leave the sweep Ready.
 NOTICE_REASONS = frozenset({"ObjectAtKey", "ObjectCheckFailed"})
@@ -51,6 +51,7 @@ class BucketStats:
     eligible: int = 0  # old enough and quiet: what DryRun would abort
     eligible_bytes: int = 0
     skipped_active: int = 0  # old enough but a part arrived within the quiet period
+    skipped_no_clock: int = 0  # not judged: the store sent no Date header to judge age on
     aborted: int = 0  # verified gone after our abort
     already_gone: int = 0  # vanished before our abort took effect: not freed by us
     replaced: int = 0  # 412 on a conditional abort
@@ -58,7 +59,7 @@ class BucketStats:
     deferred: int = 0  # eligible but past maxAbortsPerSweep
     failed: int = 0
     freed_bytes: int = 0
-    oldest_age_seconds: float = 0.0
+    oldest_age_seconds: float = 0.0  # of the uploads still there (not gone in this sweep)
     listed: bool = False  # the listing completed (gauges are trustworthy)
 
 
@@ -140,6 +141,7 @@ class SweepResult:
             "eligibleBytes": self.total("eligible_bytes"),
             "aborted": self.total("aborted"),
             "skippedActive": self.total("skipped_active"),
+            "skippedNoClock": self.total("skipped_no_clock"),
             "alreadyGone": self.total("already_gone"),
             "replaced": self.total("replaced"),
             "protected": self.total("protected"),
@@ -194,6 +196,40 @@ ProgressCallback = Callable[["SweepResult"], None]
 # --------------------------------------------------------------------------------------------
 
 
+class RecentUploads:
+    """The upload ids a sweep listed most recently, so a repeat is counted (and acted on) once.
+
+    Repeats a listing can produce: the first upload of a page repeating the last of the
+    previous one (stores whose markers are inclusive), and an upload listed again while its
+    first sighting is still being measured or aborted (where a repeated abort answers 204, both
+    would be "verified gone" and its bytes counted twice). Both lie within the last few pages,
+    and the uploads in flight are among the last ``2 x concurrency`` listed, so a window of the
+    last ``capacity`` ids (4,096 by default, more than four pages of 1,000 and than the largest
+    in-flight window, 512) keeps memory flat. A repeat from further back (a store restarting its
+    listing from the top, which the stores here never do: each keeps its marker and retries one
+    page) would be measured again; its parts listing then answers NoSuchUpload if this sweep
+    aborted it, so it can be counted "already gone" but never freed twice."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def first_sighting(self, upload: Upload) -> bool:
+        key = (upload.container, upload.upload_id)
+        if key in self._ids:
+            return False
+        self._ids[key] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return True
+
+
+NO_CLOCK_MESSAGE = (
+    "the store sent no Date header: ages and quiet periods are judged only on the store's "
+    "clock, never ours, so {count} upload(s) were skipped unjudged"
+)
+
+
 class _Sweep:
     """The state of one running sweep (shared by its worker threads under one lock)."""
 
@@ -204,6 +240,8 @@ class _Sweep:
         self.pacer = Pacer(policy.limits.requests_per_second, cancel=cancel)
         self.lock = threading.Lock()
         self.abort_budget = policy.limits.max_aborts_per_sweep
+        self.recent = RecentUploads(max(4096, 4 * policy.limits.concurrency))
+        self.no_clock_reported: set[str] = set()
         self.result = SweepResult(
             namespace=policy.namespace,
             policy=policy.name,
@@ -229,31 +267,33 @@ class _Sweep:
             if len(self.result.issues) < MAX_ISSUES:
                 self.result.issues.append(SweepIssue(reason, message, container))
 
-    # -- calls with pacing and throttling ------------------------------------------------------
+    def no_clock(self, container: str) -> None:
+        """An upload whose age (or quiet period) cannot be judged on the store's clock."""
+        with self.lock:
+            stats = self.stats(container)
+            stats.skipped_no_clock += 1
+            first = container not in self.no_clock_reported
+            self.no_clock_reported.add(container)
+        if first:
+            self.issue("NoStoreClock", NO_CLOCK_MESSAGE.format(count="some"), container)
 
-    def call(self, fn: Callable[[Upload], Any], upload: Upload, *, finish: bool = False) -> Any:
-        """One paced store call; throttling slows the sweep and retries instead of failing.
-        ``finish``: the call goes out even if the sweep is being stopped (verifying an abort
-        already sent, so what it freed is counted)."""
-        for attempt in range(THROTTLE_RETRIES + 1):
-            self.pacer.acquire(cancellable=not finish)
-            try:
-                value = fn(upload)
-            except Throttled as error:
-                if attempt == THROTTLE_RETRIES:
-                    raise
-                log.info("throttled by the store; slowing down (attempt %d)", attempt + 1)
-                self.pacer.throttled(attempt, error.retry_after)
-                continue
-            self.pacer.succeeded()
-            return value
-        raise AssertionError("unreachable")
+    # -- every store request of the sweep --------------------------------------------------------
+
+    def pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
+        """The engine's ``Pace``: every page of every listing, and every abort, goes out here."""
+        return self.pacer.send(request, finish=finish)
+
+    def finishing_pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
+        """The ``Pace`` of a verifying parts listing: every page goes out even during a stop."""
+        return self.pacer.send(request, finish=True)
 
     # -- one upload ------------------------------------------------------------------------------
 
     def process(self, upload: Upload, age: timedelta) -> None:
         container = upload.container
         try:
+            if self.cancel.is_set():
+                raise Cancelled()  # queued when the stop order came: dropped untouched
             self._process(upload, age)
         except Cancelled:
             with self.lock:
@@ -268,9 +308,8 @@ class _Sweep:
 
     def _process(self, upload: Upload, age: timedelta) -> None:
         container = upload.container
-        match = self.policy.match
         try:
-            parts: PartsSummary = self.call(self.store.measure, upload)
+            parts: PartsSummary = self.store.measure(upload, self.pace)
         except UploadGone:
             self.add(container, already_gone=1)
             return
@@ -278,50 +317,64 @@ class _Sweep:
             stats = self.stats(container)
             stats.incomplete_uploads += 1
             stats.incomplete_bytes += parts.size_bytes
-            stats.oldest_age_seconds = max(stats.oldest_age_seconds, age.total_seconds())
+        gone = False
+        try:
+            gone = self._judge(upload, age, parts)
+        finally:
+            if not gone:  # the oldest-age figure is about uploads still there after the sweep
+                with self.lock:
+                    stats.oldest_age_seconds = max(stats.oldest_age_seconds, age.total_seconds())
+
+    def _judge(self, upload: Upload, age: timedelta, parts: PartsSummary) -> bool:
+        """Skip, count or abort one measured upload; True once it is verified gone."""
+        container = upload.container
+        match = self.policy.match
         if age < match.older_than:
-            return
-        if (
-            parts.newest_part is not None
-            and parts.server_time - parts.newest_part < match.quiet_period
-        ):
-            self.add(container, skipped_active=1)
-            return
+            return False
+        if parts.newest_part is not None:
+            if parts.server_time is None:
+                self.no_clock(container)
+                return False
+            if parts.server_time - parts.newest_part < match.quiet_period:
+                self.add(container, skipped_active=1)
+                return False
         self.add(container, eligible=1, eligible_bytes=parts.size_bytes)
         if self.policy.dry_run:
-            return
+            return False
         with self.lock:
             if self.abort_budget <= 0:
                 self.stats(container).deferred += 1
-                return
+                return False
             self.abort_budget -= 1
-        self._abort_and_verify(upload, parts.size_bytes)
+        return self._abort_and_verify(upload, parts.size_bytes)
 
-    def _abort_and_verify(self, upload: Upload, size: int) -> None:
+    def _abort_and_verify(self, upload: Upload, size: int) -> bool:
+        """Abort, then prove it with a parts listing; True once the upload is gone. A stop
+        order prevents every new abort, never the verification of one already sent."""
         container = upload.container
         for attempt in range(ABORT_ATTEMPTS):
             try:
-                self.call(self.store.abort, upload)
+                self.pace(lambda: self.store.abort(upload))
             except UploadGone:
                 if attempt == 0:
                     # Gone before our first abort: someone else (or the store) freed it.
                     self.add(container, already_gone=1)
-                    return
+                    return True
                 # Our earlier abort took effect after its verification listing.
                 self._freed(upload, size)
-                return
+                return True
             except UploadReplaced:
                 self.add(container, replaced=1)
-                return
+                return False
             except AbortRefused as refused:
                 self.add(container, protected=1)
                 self.issue(refused.reason, str(refused), container)
-                return
+                return False
             try:
-                self.call(self.store.measure, upload, finish=True)
+                self.store.measure(upload, self.finishing_pace)
             except UploadGone:
                 self._freed(upload, size)
-                return
+                return True
             # Parts still listed: a part upload in flight may have landed; abort again.
             log.info("parts still listed after abort of %s; repeating", upload.key)
             self.pacer.sleep(VERIFY_BACKOFF_SECONDS * 2**attempt)
@@ -331,6 +384,7 @@ class _Sweep:
             f"{upload.key}: parts still listed after {ABORT_ATTEMPTS} aborts",
             container,
         )
+        return False
 
     def _freed(self, upload: Upload, size: int) -> None:
         self.add(upload.container, aborted=1, freed_bytes=size)
@@ -354,17 +408,20 @@ class _Sweep:
 
         with self.lock:
             self.stats(container)
-        pages = self.store.list_uploads(container, self.policy.match.prefixes)
+        pages = self.store.list_uploads(container, self.policy.match.prefixes, self.pace)
         try:
-            while True:
-                self.pacer.acquire()
-                page = next(pages, None)
-                if page is None:
-                    break
+            for page in pages:
                 for upload in page.uploads:
+                    if self.cancel.is_set():
+                        raise Cancelled()
                     if not self.policy.match.matches_key(upload.key):
                         continue
+                    if not self.recent.first_sighting(upload):
+                        continue  # a listing repeat: this upload is already counted
                     self.add(container, scanned=1)
+                    if page.server_time is None:
+                        self.no_clock(container)
+                        continue
                     age = page.server_time - upload.initiated
                     while not in_flight.acquire(timeout=0.2):
                         if self.cancel.is_set():
@@ -424,6 +481,8 @@ def run_sweep(
             except Exception as error:
                 log.exception("unexpected error listing %s", container)
                 sweep.issue("InternalError", f"{type(error).__name__}: {error}", container)
+    if cancel.is_set():  # a stop order came mid-sweep: what it skipped is unknown
+        result.cancelled = True
     result.finished = datetime.now(UTC)
     if progress is not None:
         progress(result)
@@ -436,7 +495,7 @@ def run_sweep(
 @dataclass(frozen=True)
 class InventoryItem:
     upload: Upload
-    age: timedelta
+    age: timedelta | None  # None: the store sent no Date header, so no age is judged
     size_bytes: int
     part_count: int
     newest_part: datetime | None
@@ -456,36 +515,41 @@ def inventory(
     pacer = Pacer(policy.limits.requests_per_second, cancel=cancel)
     match = policy.match
     window = policy.limits.concurrency * 2
+    recent = RecentUploads(max(4096, 2 * window))
 
     def measure(upload: Upload) -> PartsSummary | None:
-        pacer.acquire()
         try:
-            return store.measure(upload)
+            return store.measure(upload, pacer.send)
         except UploadGone:
             return None
 
-    def item(upload: Upload, age: timedelta, parts: PartsSummary) -> InventoryItem:
+    def item(upload: Upload, age: timedelta | None, parts: PartsSummary) -> InventoryItem:
         active = (
             parts.newest_part is not None
+            and parts.server_time is not None
             and parts.server_time - parts.newest_part < match.quiet_period
         )
-        eligible = age >= match.older_than and not active
+        judged = age is not None and (parts.newest_part is None or parts.server_time is not None)
+        eligible = judged and age is not None and age >= match.older_than and not active
         return InventoryItem(
             upload, age, parts.size_bytes, parts.part_count, parts.newest_part, eligible, active
         )
 
-    pending: deque[tuple[Upload, timedelta, Future[PartsSummary | None]]] = deque()
+    pending: deque[tuple[Upload, timedelta | None, Future[PartsSummary | None]]] = deque()
     with ThreadPoolExecutor(
         max_workers=policy.limits.concurrency, thread_name_prefix="inventory"
     ) as pool:
         try:
             for container in store.containers():
-                for page in store.list_uploads(container, match.prefixes):
-                    pacer.acquire()
+                for page in store.list_uploads(container, match.prefixes, pacer.send):
                     for upload in page.uploads:
-                        if not match.matches_key(upload.key):
+                        if not match.matches_key(upload.key) or not recent.first_sighting(upload):
                             continue
-                        age = page.server_time - upload.initiated
+                        age = (
+                            None
+                            if page.server_time is None
+                            else page.server_time - upload.initiated
+                        )
                         pending.append((upload, age, pool.submit(measure, upload)))
                         while len(pending) >= window:
                             done_upload, done_age, future = pending.popleft()

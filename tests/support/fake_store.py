@@ -37,7 +37,12 @@ class FakeStore:
     page_size: int = 1000
     server_now: datetime = SERVER_NOW
     uploads: dict[str, FakeUpload] = field(default_factory=dict)
-    throttle_next: int = 0  # the next N calls raise Throttled
+    throttle_next: int = 0  # the next N parts listings or aborts raise Throttled
+    throttle_pages: int = 0  # the next N listing page requests raise Throttled
+    throttle_retry_after: float | None = None  # what a throttled answer asks us to wait
+    repeat_boundary: bool = False  # inclusive markers: a page repeats the previous page's last
+    no_date: bool = False  # responses without a Date header: the store's clock is unknown
+    page_requests: int = 0
     calls: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     yielded: int = 0
@@ -60,11 +65,15 @@ class FakeStore:
         )
         return upload
 
+    @property
+    def clock(self) -> datetime | None:
+        return None if self.no_date else self.server_now
+
     def _throttle(self) -> None:
         with self.lock:
             if self.throttle_next > 0:
                 self.throttle_next -= 1
-                raise Throttled("SlowDown")
+                raise Throttled("SlowDown", retry_after=self.throttle_retry_after)
 
     def containers(self) -> list[str]:
         return sorted({u.upload.container for u in self.uploads.values()}) or ["bucket"]
@@ -72,14 +81,31 @@ class FakeStore:
     def list_uploads(
         self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
     ) -> Iterator[UploadPage]:
+        """Each page is one request sent through ``pace``; the position (the marker) is kept
+        here, so a throttled page is retried alone."""
         items = [u.upload for u in list(self.uploads.values()) if u.upload.container == container]
-        for start in range(0, len(items), self.page_size):
-            page = items[start : start + self.page_size]
+        start = 0
+        while start < len(items):
+            first = start - 1 if self.repeat_boundary and start > 0 else start
+
+            def request(first: int = first, start: int = start) -> list[Upload]:
+                with self.lock:
+                    self.page_requests += 1
+                    if self.throttle_pages > 0:
+                        self.throttle_pages -= 1
+                        raise Throttled("SlowDown", retry_after=self.throttle_retry_after)
+                return items[first : start + self.page_size]
+
+            page = pace(request)
             with self.lock:
                 self.yielded += len(page)
-            yield UploadPage(page, self.server_now)
+            yield UploadPage(page, self.clock)
+            start += self.page_size
 
     def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
+        return pace(lambda: self._parts(upload))
+
+    def _parts(self, upload: Upload) -> PartsSummary:
         self._throttle()
         with self.lock:
             self.calls.append(("measure", upload.key))
@@ -87,7 +113,7 @@ class FakeStore:
         if entry is None:
             raise UploadGone(upload.key)
         return PartsSummary(
-            sum(entry.part_sizes), len(entry.part_sizes), entry.newest_part, self.server_now
+            sum(entry.part_sizes), len(entry.part_sizes), entry.newest_part, self.clock
         )
 
     def abort(self, upload: Upload) -> None:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mpu_janitor.policy import Mode, parse_policy
-from mpu_janitor.stores.base import StoreUnreachable, Upload
+from mpu_janitor.stores.base import Pace, StoreUnreachable, Upload, unpaced
 from mpu_janitor.sweep import TargetLocks, run_sweep
 from tests.support.fake_store import FakeStore
 
@@ -35,7 +35,7 @@ def test_ages_use_the_store_clock_not_ours() -> None:
     result = run_sweep(policy(), store)
     assert result.total("aborted") == 1
     assert [u.upload.key for u in store.uploads.values()] == ["young"]
-    assert result.buckets["bucket"].oldest_age_seconds == 25 * 3600
+    assert result.buckets["bucket"].oldest_age_seconds == 23 * 3600  # the old one is gone
     # And a store clock *behind* ours never makes an upload look older than it is.
     store = FakeStore(server_now=datetime(2001, 1, 1, tzinfo=UTC))
     store.add("young", age=2 * H)
@@ -156,10 +156,10 @@ def test_a_store_error_on_one_upload_never_stops_the_others() -> None:
     store.add("good", age=48 * H)
     original = store.measure
 
-    def flaky(upload: Upload) -> Any:
+    def flaky(upload: Upload, pace: Pace = unpaced) -> Any:
         if upload.key == "bad":
             raise StoreUnreachable("connection reset")
-        return original(upload)
+        return original(upload, pace)
 
     store.measure = flaky  # type: ignore[method-assign]
     result = run_sweep(policy(), store)
@@ -175,9 +175,9 @@ def test_listing_is_streamed_with_bounded_work_in_flight() -> None:
     seen_ahead: list[int] = []
     measure = store.measure
 
-    def tracking(upload: Upload) -> Any:
+    def tracking(upload: Upload, pace: Pace = unpaced) -> Any:
         seen_ahead.append(store.yielded - len([c for c in store.calls if c[0] == "measure"]))
-        return measure(upload)
+        return measure(upload, pace)
 
     store.measure = tracking  # type: ignore[method-assign]
     result = run_sweep(policy(limits={"concurrency": 4}), store)
@@ -245,7 +245,7 @@ def test_a_store_asked_wait_is_honoured() -> None:
     waits: list[float] = []
 
     class RecordingPacer(Pacer):
-        def sleep(self, seconds: float) -> None:
+        def sleep(self, seconds: float, *, cancellable: bool = True) -> None:
             waits.append(seconds)
 
     pacer = RecordingPacer(100)
@@ -254,3 +254,154 @@ def test_a_store_asked_wait_is_honoured() -> None:
     assert waits[0] == 60
     assert waits[1] < 1
     assert pacer.rate == 25  # halved twice
+
+
+# -- every request through the engine's pace ----------------------------------------------------
+
+
+def test_a_throttled_listing_page_is_retried_not_the_end_of_the_bucket() -> None:
+    store = FakeStore(page_size=10)
+    for index in range(30):
+        store.add(f"k{index:02}", age=48 * H)
+    store.throttle_pages = 0
+    pages_before_throttle = 1
+
+    original = store.list_uploads
+
+    def throttle_second_page(container: str, prefixes: Any, pace: Pace = unpaced) -> Any:
+        for number, page in enumerate(original(container, prefixes, pace)):
+            if number == pages_before_throttle - 1:
+                store.throttle_pages = 2  # the next page request is throttled twice
+            yield page
+
+    store.list_uploads = throttle_second_page  # type: ignore[method-assign]
+    result = run_sweep(policy(), store)
+    assert result.total("aborted") == 30, result.issues
+    assert result.ok, result.issues
+    assert store.uploads == {}
+    assert store.page_requests == 3 + 2  # three pages, the second sent three times
+
+
+def test_a_store_asked_wait_is_capped() -> None:
+    from mpu_janitor.pacing import MAX_RETRY_AFTER_SECONDS, Pacer
+
+    waits: list[float] = []
+
+    class RecordingPacer(Pacer):
+        def sleep(self, seconds: float, *, cancellable: bool = True) -> None:
+            waits.append(seconds)
+
+    RecordingPacer(100).throttled(0, 10 * 86400.0)
+    assert waits == [MAX_RETRY_AFTER_SECONDS] and MAX_RETRY_AFTER_SECONDS == 300
+
+
+def test_a_cancel_during_a_throttled_verify_still_counts_the_abort_sent() -> None:
+    store = FakeStore(throttle_retry_after=0.2)
+    store.add("k", age=48 * H, parts=[40, 2])
+    cancel = threading.Event()
+    original = store.abort
+
+    def abort_then_stop(upload: Upload) -> None:
+        original(upload)  # the abort reached the store ...
+        store.throttle_next = 1  # ... its verifying parts listing will be throttled once
+        cancel.set()  # ... and the stop order arrives meanwhile
+
+    store.abort = abort_then_stop  # type: ignore[method-assign]
+    result = run_sweep(policy(), store, cancel=cancel)
+    assert store.uploads == {}
+    assert result.cancelled
+    assert result.total("aborted") == 1
+    assert result.freed_bytes == 42
+
+
+def test_after_a_stop_order_no_queued_upload_is_measured_or_aborted() -> None:
+    store = FakeStore()
+    for index in range(200):
+        store.add(f"k{index:03}", age=48 * H)
+    cancel = threading.Event()
+    at_stop: list[int] = []
+    original = store.abort
+
+    def abort_and_stop_at_ten(upload: Upload) -> None:
+        original(upload)
+        with store.lock:
+            aborts = sum(1 for call in store.calls if call[0] == "abort")
+        if aborts == 10:
+            at_stop.append(len(store.calls))
+            cancel.set()
+
+    store.abort = abort_and_stop_at_ten  # type: ignore[method-assign]
+    pol = policy(limits={"concurrency": 4})
+    result = run_sweep(pol, store, cancel=cancel)
+    aborts = [c for c in store.calls if c[0] == "abort"]
+    # At most the other three workers' aborts were already under way at the stop.
+    assert 10 <= len(aborts) <= 10 + 3
+    gone = 200 - len(store.uploads)
+    assert result.total("aborted") == gone == len(aborts)
+    assert result.freed_bytes == 100 * gone
+    # Queued uploads are dropped: besides the verifying listings of aborts already sent,
+    # at most the in-flight workers' parts listings went out after the stop.
+    after = store.calls[at_stop[0] :]
+    assert len([c for c in after if c[0] == "measure"]) <= 2 * 3 + 3
+
+
+# -- one upload id, one count --------------------------------------------------------------------
+
+
+def test_an_upload_repeated_by_inclusive_markers_is_counted_once() -> None:
+    store = FakeStore(page_size=10, repeat_boundary=True)
+    for index in range(25):
+        store.add(f"k{index:02}", age=48 * H, parts=[3])
+    store.add("young", age=H, parts=[5])
+    result = run_sweep(policy(), store)
+    assert store.yielded > 26  # the listing did repeat uploads
+    assert result.total("scanned") == 26
+    assert result.total("incomplete_uploads") == 26
+    assert result.total("aborted") == 25
+    assert result.total("already_gone") == 0
+    assert result.freed_bytes == 75
+    assert result.total("incomplete_bytes") == 80
+    aborts = [key for op, key in store.calls if op == "abort"]
+    assert sorted(aborts) == sorted(set(aborts))
+
+
+def test_an_upload_repeated_while_in_flight_is_never_freed_twice() -> None:
+    # A store where a repeated abort answers 204 (MinIO, Glacier): two concurrent
+    # aborts of one id would both be verified gone.
+    store = FakeStore(page_size=1, repeat_boundary=True)
+    store.add("only", age=48 * H, parts=[7])
+    store.add("other", age=48 * H, parts=[9])
+    result = run_sweep(policy(), store)
+    assert result.total("aborted") == 2
+    assert result.freed_bytes == 16
+    assert result.total("scanned") == 2
+
+
+def test_the_oldest_age_ignores_uploads_aborted_in_this_sweep() -> None:
+    store = FakeStore()
+    store.add("month-old", age=30 * 24 * H)
+    store.add("young", age=2 * H)
+    result = run_sweep(policy(), store)
+    assert result.total("aborted") == 1
+    assert result.buckets["bucket"].oldest_age_seconds == 2 * 3600
+    # A dry run aborts nothing: the month-old upload is still the oldest.
+    store.add("month-old-again", age=30 * 24 * H)
+    dry = run_sweep(replace(policy(), mode=Mode.DRY_RUN), store)
+    assert dry.buckets["bucket"].oldest_age_seconds == 30 * 24 * 3600
+
+
+# -- the store's clock or none ----------------------------------------------------------------
+
+
+def test_without_a_date_header_no_age_is_judged() -> None:
+    store = FakeStore(no_date=True)
+    store.add("ancient", age=400 * 24 * H)
+    store.add("older", age=48 * H)
+    result = run_sweep(policy(), store)
+    assert result.total("aborted") == 0
+    assert len(store.uploads) == 2
+    assert not [c for c in store.calls if c[0] == "abort"]
+    assert result.summary()["skippedNoClock"] == 2
+    assert result.total("eligible") == 0
+    assert result.issues and "Date" in result.issues[0].message
+    assert result.issues[0].reason == "NoStoreClock"

@@ -140,18 +140,24 @@ def attempt_code(response_dict: dict[str, Any] | None, exception: Exception | No
     return type(exception).__name__ if exception is not None else "Unknown"
 
 
-def server_time(response: dict[str, Any], service: str) -> datetime:
+def server_time(response: dict[str, Any], service: str) -> datetime | None:
     """The store's clock, from the response's Date header: ages are judged on it, never on
-    ours (a skewed node clock must never make an upload look older than it is)."""
+    ours (a skewed node clock must never make an upload look older than it is). None when the
+    response has no usable Date: the engine then judges no age at all (it skips and says why).
+    An HTTP date is GMT; one without a zone is read as UTC, never in the local zone."""
     date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    if date:
-        try:
-            return email.utils.parsedate_to_datetime(date).astimezone(UTC)
-        except (TypeError, ValueError):
-            log.warning("unparseable Date header from %s: %r", service, date)
-    # AWS always sends Date; only a broken proxy or store would strip it.
-    log.warning("%s response without a usable Date header: using the local clock", service)
-    return datetime.now(UTC)
+    if not date:
+        # AWS always sends Date; only a broken proxy or store would strip it.
+        log.warning("%s response without a Date header: no age is judged", service)
+        return None
+    try:
+        moment = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        log.warning("unparseable Date header from %s: %r: no age is judged", service, date)
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def translate_transport_error(error: Exception, container: str | None) -> Exception:

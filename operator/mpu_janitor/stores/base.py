@@ -63,10 +63,11 @@ class Upload:
 
 @dataclass(frozen=True, slots=True)
 class UploadPage:
-    """One page of a listing. ``server_time`` is the store's clock (the response Date header)."""
+    """One page of a listing. ``server_time`` is the store's clock (the response Date header);
+    None when the response carried none: the engine then judges no age (never on our clock)."""
 
     uploads: Sequence[Upload]
-    server_time: datetime
+    server_time: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class PartsSummary:
     size_bytes: int
     part_count: int
     newest_part: datetime | None
-    server_time: datetime
+    server_time: datetime | None  # the response's Date; None: the quiet period is not judged
 
 
 class StoreError(Exception):

@@ -56,6 +56,7 @@ from mpu_janitor.stores.base import (
     UploadPage,
     unpaced,
 )
+from mpu_janitor.stores.identity import glacier_target_id
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,7 @@ class GlacierStore:
 
     @property
     def target_id(self) -> str:
-        where = self.target.endpoint or f"aws:{self.target.region}"
-        return f"glacier:{where}:{self.target.account_id}"
+        return glacier_target_id(self.target.endpoint, self.target.region)
 
     def containers(self) -> list[str]:
         return list(self.target.vaults)
@@ -212,7 +212,8 @@ class GlacierStore:
                         container,
                         item.get("CreationDate"),
                     )
-                    created = now
+                    # (No clock either: the engine judges no age on this page at all.)
+                    created = now or datetime.max.replace(tzinfo=UTC)
                 uploads.append(
                     Upload(
                         container,

@@ -38,6 +38,7 @@ from mpu_janitor.stores.base import (
     UploadReplaced,
     unpaced,
 )
+from mpu_janitor.stores.identity import s3_target_id
 from mpu_janitor.stores.profiles import S3Profile, profile
 
 PAGE_SIZE = 1000
@@ -163,7 +164,7 @@ class S3Store:
 
     @property
     def target_id(self) -> str:
-        return f"s3:{self.target.endpoint or 'aws:' + self.target.region}"
+        return s3_target_id(self.target.endpoint)
 
     def _common(self, bucket: str) -> dict[str, Any]:
         """Parameters every call on this bucket carries."""
