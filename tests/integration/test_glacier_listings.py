@@ -17,6 +17,7 @@ import pytest
 from botocore.retries.standard import ExponentialBackoff
 
 from mpu_janitor.policy import GlacierTarget, parse_policy
+from mpu_janitor.stores import glacier as glacier_module
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.aws import MAX_RETRIES
 from mpu_janitor.stores.base import (
@@ -27,7 +28,7 @@ from mpu_janitor.stores.base import (
     Upload,
 )
 from mpu_janitor.stores.glacier import PAGE_SIZE, ActivityMemory, GlacierStore
-from mpu_janitor.sweep import TargetLocks, run_sweep
+from mpu_janitor.sweep import ABORT_ATTEMPTS, TargetLocks, run_sweep
 from tests.support.glacier_server import FakeGlacier, GlacierError, MiB
 
 pytestmark = pytest.mark.integration
@@ -211,6 +212,21 @@ def test_a_marker_cycle_in_a_parts_listing_is_an_error_not_a_loop(
     assert len(parts_requests(glacier)) == 3
 
 
+def test_a_parts_listing_that_never_ends_is_capped(
+    glacier: FakeGlacier, store: GlacierStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    glacier.add_upload(VAULT, "tmp/big", parts=200)
+    upload = listed(store)[0]
+    glacier.clear_requests()
+    monkeypatch.setattr(glacier_module, "MAX_PART_PAGES", 3)  # stands for 10,000 pages
+
+    with pytest.raises(StoreError) as caught:
+        store.measure(upload)
+
+    assert "did not end" in str(caught.value)
+    assert len(parts_requests(glacier)) == 3
+
+
 @pytest.mark.usefixtures("no_backoff")
 def test_a_throttled_listing_page_is_retried_alone_through_pace(
     glacier: FakeGlacier, store: GlacierStore
@@ -313,6 +329,50 @@ def test_a_stale_marker_restarts_the_listing_and_every_eligible_upload_is_aborte
     assert len(restarts) == 2  # the first listing, and one restart
 
 
+def test_a_stale_marker_past_what_a_listing_can_remember_ends_it_with_a_store_error(
+    glacier: FakeGlacier, store: GlacierStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(glacier_module, "MAX_REMEMBERED", 10)
+    glacier.stale_markers = "404"
+    for n in range(80):
+        glacier.add_upload(VAULT, f"tmp/{n}")
+    pages = store.list_uploads(VAULT, [])
+    first = next(pages).uploads
+    glacier.complete(VAULT, listing_order(glacier)[50])  # the upload page 2 begins at
+
+    with pytest.raises(StoreError) as caught:
+        next(pages)
+
+    # Restarting could not skip what was yielded: stop (the next sweep continues), never
+    # repeat an upload, never call the vault missing.
+    assert len(first) == 50
+    assert not isinstance(caught.value, ContainerNotFound)
+    assert "lost its place" in str(caught.value)
+
+
+def test_stale_markers_restart_a_listing_a_bounded_number_of_times(
+    glacier: FakeGlacier, store: GlacierStore
+) -> None:
+    glacier.stale_markers = "404"
+    for n in range(120):
+        glacier.add_upload(VAULT, f"tmp/{n}")
+
+    # After each page, the upload the next page begins at is completed by its uploader.
+    listing = store.list_uploads(VAULT, [])
+    seen: list[str] = []
+    with pytest.raises(StoreError) as caught:
+        for page in listing:
+            seen.extend(u.upload_id for u in page.uploads)
+            remaining = [u for u in listing_order(glacier) if u not in seen]
+            if remaining:
+                glacier.complete(VAULT, remaining[0])
+
+    assert "lost its place" in str(caught.value)
+    assert len(seen) == len(set(seen))  # never an upload twice
+    restarts = [r for r in listing_requests(glacier) if marker_of(r) is None]
+    assert len(restarts) == 1 + glacier_module.MAX_RESTARTS
+
+
 def test_a_vault_deleted_mid_listing_is_still_container_not_found(
     glacier: FakeGlacier, store: GlacierStore
 ) -> None:
@@ -333,8 +393,6 @@ def test_a_vault_deleted_mid_listing_is_still_container_not_found(
 
 
 def test_a_lagging_abort_is_verified_by_the_repeated_verification(glacier: FakeGlacier) -> None:
-    from mpu_janitor.sweep import ABORT_ATTEMPTS
-
     glacier.abort_lag = ABORT_ATTEMPTS - 1  # parts still listed on all but the last verify
     upload_id = glacier.add_upload(VAULT, "tmp/a", age=timedelta(days=10), parts=3)
 
@@ -344,6 +402,20 @@ def test_a_lagging_abort_is_verified_by_the_repeated_verification(glacier: FakeG
     assert (result.total("aborted"), result.freed_bytes) == (1, 3 * MiB)
     assert result.failed == 0
     assert deletes_by_upload(glacier)[upload_id] == ABORT_ATTEMPTS  # repeated, within grace
+
+
+def test_a_lag_longer_than_the_verification_rounds_is_never_counted_freed(
+    glacier: FakeGlacier,
+) -> None:
+    glacier.abort_lag = ABORT_ATTEMPTS  # parts listed on every verify of this sweep
+    glacier.add_upload(VAULT, "tmp/a", age=timedelta(days=10), parts=3)
+
+    result = sweep(glacier)
+
+    # Unproven: a failure saying so, no bytes claimed (the next sweep no longer lists it).
+    assert (result.total("aborted"), result.freed_bytes, result.failed) == (0, 0, 1)
+    assert [i.reason for i in result.issues] == ["AbortNotVerified"]
+    assert sweep(glacier).total("scanned") == 0
 
 
 @pytest.mark.parametrize(
