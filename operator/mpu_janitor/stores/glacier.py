@@ -251,6 +251,7 @@ class ActivityMemory:
         self._lock = threading.Lock()
         self._seen: OrderedDict[bytes, tuple[bytes, datetime]] = OrderedDict()
         self._warned = False
+        self._first_look_told = False
 
     def __len__(self) -> int:
         with self._lock:
@@ -261,6 +262,14 @@ class ActivityMemory:
         if it was never seen or looked different at the last measurement."""
         with self._lock:
             known = self._seen.get(key)
+            if known is None and not self._first_look_told:
+                self._first_look_told = True
+                log.info(
+                    "Glacier parts carry no time: an upload this process has not measured "
+                    "before counts as active (skippedActive) until it has been seen unchanged "
+                    "for quietPeriod; set quietPeriod: 0s to judge Glacier uploads by "
+                    "olderThan alone"
+                )
             since = known[1] if known is not None and known[0] == fingerprint else now
             self._seen[key] = (fingerprint, since)
             self._seen.move_to_end(key)
