@@ -411,7 +411,7 @@ class GlacierStore:
                         container,
                         item.get("CreationDate"),
                     )
-                    created = now
+                    created = now or datetime.max.replace(tzinfo=UTC)
                 uploads.append(
                     Upload(container, item.get("ArchiveDescription") or "", upload_id, created)
                 )
@@ -462,7 +462,7 @@ class GlacierStore:
         parts: dict[int, tuple[int, str]] = {}  # first byte -> (last byte, tree hash)
         markers_seen: set[bytes] = set()
         marker: str | None = None
-        now: datetime | None = None
+        now: datetime | None = None  # the store's clock at the last page (None: no Date header)
         for _ in range(MAX_PART_PAGES):
             response = pace(functools.partial(self._parts_page, upload, marker))
             now = server_time(response, "Glacier")
@@ -491,18 +491,25 @@ class GlacierStore:
                 f"{MAX_PART_PAGES} pages",
                 container=upload.container,
             )
-        assert now is not None
         size = covered_bytes([(first, last) for first, (last, _) in parts.items()])
         newest: datetime | None = None
-        if parts:
+        if not parts:
+            self.activity.forget(self._activity_key(upload))
+        elif now is None:
+            # No store clock (a proxy stripped the Date header): nothing to time the look by.
+            # A newest part is reported (no later than now, no earlier than the upload) so the
+            # quiet period counts as not judged rather than as passed.
+            newest = upload.initiated
+        else:
             fingerprint = hashlib.blake2b(digest_size=16)
             for first, (last, tree_hash) in sorted(parts.items()):
                 fingerprint.update(f"{first}-{last}:{tree_hash};".encode())
             newest = self.activity.observe(self._activity_key(upload), fingerprint.digest(), now)
-        else:
-            self.activity.forget(self._activity_key(upload))
         return PartsSummary(
-            size_bytes=size, part_count=len(parts), newest_part=newest, server_time=now
+            size_bytes=size,
+            part_count=len(parts),
+            newest_part=newest,
+            server_time=now,  # type: ignore[arg-type,unused-ignore]
         )
 
     # -- aborting ------------------------------------------------------------------------------
