@@ -4,10 +4,12 @@ to run locally, and moto does not model multipart uploads of vaults).
 It speaks the documented REST JSON wire format of the three calls the janitor uses, so the
 real boto3 client signs, sends and parses every request:
 
-* ``GET /{account}/vaults/{vault}/multipart-uploads?limit=&marker=``: ``limit`` 1-1000 (default
-  50), an opaque ``marker``, results in no particular order (sorted by a hash of the id).
+* ``GET /{account}/vaults/{vault}/multipart-uploads?limit=&marker=``: ``limit`` 1-50 (default
+  50, the AWS reference since 2018), a ``marker`` naming the upload the next page begins at
+  (as AWS's do), results in no particular order (sorted by a hash of the id).
 * ``GET /{account}/vaults/{vault}/multipart-uploads/{id}?limit=&marker=``: parts with
-  ``RangeInBytes`` and ``SHA256TreeHash``, paged the same way.
+  ``RangeInBytes`` and ``SHA256TreeHash``, sorted by range (as documented), paged the same way;
+  the marker names the range start of the part the next page begins at.
 * ``DELETE /{account}/vaults/{vault}/multipart-uploads/{id}``: 204; a repeat within
   ``abort_grace`` answers 204 again (Glacier's "idempotent for a short time"), later 404.
 
@@ -16,8 +18,27 @@ for the server's key pair (checked by recomputing it, as AWS does, including the
 clock-skew limit). Errors are JSON bodies ``{"code", "message", "type"}`` with the
 ``x-amzn-ErrorType`` header. Every response carries a ``Date`` header from the server's own
 clock, which tests can set apart from the local clock with :attr:`FakeGlacier.clock_offset`.
-Test switches: :meth:`FakeGlacier.throttle` (LimitExceededException for the next N requests)
-and :meth:`FakeGlacier.hang` (no answer for a while).
+
+Variants, for behaviour AWS leaves undocumented or that only shows under load (attributes of
+:class:`FakeGlacier`, set by the test):
+
+* ``page_limit``: ``"reject"`` answers a ``limit`` above 50 with
+  ``InvalidParameterValueException``; ``"cap"`` silently serves at most 50.
+* ``stale_markers``: ``"resume"`` continues a listing whose marker names an upload that is gone
+  at the position it had; ``"404"`` answers ``ResourceNotFoundException``.
+* ``cycle_markers``: every marker after the first one is answered with the first one again
+  (A -> B -> A ...), in both listings.
+* ``part_markers``: ``"range"`` (the default) or ``"position"``: the marker is the index of
+  the next part in the sorted list, so a part landing below it mid-listing shifts the list and
+  one part is listed twice.
+* ``abort_lag``: List Parts keeps answering for an aborted upload for this many requests.
+* ``completed_error``: what aborting (or listing the parts of) a completed upload answers.
+* ``parts_page_hook``: called before each List Parts page (upload id, page number from 1);
+  ``request_hook``: before each request (method, path), may raise :class:`GlacierError`.
+* ``request_budget``: past this many requests everything is refused (a looping client fails
+  instead of hanging the suite).
+* :meth:`FakeGlacier.throttle` (``ThrottlingException`` for N requests, optionally after M
+  answered ones) and :meth:`FakeGlacier.hang` (no answer for a while).
 """
 
 from __future__ import annotations
@@ -32,6 +53,7 @@ import secrets
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
@@ -45,6 +67,7 @@ from tests.support.fake_http import FakeHTTPService
 
 GLACIER_VERSION = "2012-06-01"
 MAX_SKEW = timedelta(minutes=15)
+MAX_LIMIT = 50  # ListMultipartUploads and ListParts: 1-50 (the AWS reference since 2018)
 MiB = 1024 * 1024
 
 _AUTH_RE = re.compile(
@@ -72,12 +95,22 @@ class FakeUpload:
     description: str | None
     created: datetime
     part_size: int
-    part_sizes: list[int]
+    parts: dict[int, tuple[int, int]]  # part index -> (size, generation of its tree hash)
     aborted_at: datetime | None = None
+    completed: bool = False
+    lag_left: int = 0  # List Parts answers still served after the abort
 
     @property
     def size(self) -> int:
-        return sum(self.part_sizes)
+        return sum(size for size, _ in self.parts.values())
+
+    @property
+    def part_sizes(self) -> list[int]:
+        return [self.parts[index][0] for index in sorted(self.parts)]
+
+    @property
+    def in_progress(self) -> bool:
+        return self.aborted_at is None and not self.completed
 
 
 @dataclass(frozen=True)
@@ -96,7 +129,10 @@ class _State:
     vaults: dict[str, dict[str, FakeUpload]] = field(default_factory=dict)
     requests: list[Received] = field(default_factory=list)
     throttle_left: int = 0
-    throttle_code: str = "LimitExceededException"
+    throttle_after: int = 0
+    throttle_code: str = "ThrottlingException"
+    first_markers: dict[tuple[str, str | None], str] = field(default_factory=dict)
+    parts_pages: dict[str, int] = field(default_factory=dict)
     hang_left: int = 0
     hang_seconds: float = 0.0
 
@@ -140,6 +176,21 @@ class FakeGlacier(FakeHTTPService):
         self.account_id = account_id
         super().__init__()
         self.abort_grace = timedelta(seconds=60)
+        self.max_skew = MAX_SKEW
+        # Variants (see the module docstring).
+        self.page_limit = "reject"
+        self.stale_markers = "resume"
+        self.cycle_markers = False
+        self.part_markers = "range"
+        self.abort_lag = 0
+        self.completed_error: tuple[int, str] = (404, "ResourceNotFoundException")
+        self.parts_page_hook: Callable[[str, int], None] | None = None
+        # Called with (method, path) before each signed request is served; may raise
+        # GlacierError to answer with it.
+        self.request_hook: Callable[[str, str], None] | None = None
+        # A safety net for tests of listings that might never end: past this many requests,
+        # every request is refused (so a looping client fails instead of hanging the suite).
+        self.request_budget: int | None = None
         self._state = _State()
         self._lock = threading.Lock()
 
@@ -161,9 +212,9 @@ class FakeGlacier(FakeHTTPService):
     ) -> str:
         """An incomplete upload created ``age`` ago on the server's clock, holding ``parts``
         parts of ``part_size`` bytes (the last one ``last_part_size`` bytes if given)."""
-        sizes = [part_size] * parts
+        sizes = {index: (part_size, 0) for index in range(parts)}
         if parts and last_part_size is not None:
-            sizes[-1] = last_part_size
+            sizes[parts - 1] = (last_part_size, 0)
         upload_id = secrets.token_urlsafe(69)[:92]  # Glacier ids are long opaque strings
         moment = self.now() - age
         created = moment.replace(microsecond=moment.microsecond // 1000 * 1000)  # ms on the wire
@@ -173,20 +224,40 @@ class FakeGlacier(FakeHTTPService):
             )
         return upload_id
 
-    def uploads(self, vault: str) -> list[FakeUpload]:
-        """The uploads still in progress (not aborted) in a vault."""
+    def add_part(self, vault: str, upload_id: str, index: int, size: int | None = None) -> None:
+        """Upload part ``index`` (its range starts at ``index * part_size``); uploading it
+        again replaces it (a new tree hash)."""
         with self._lock:
-            return [u for u in self._state.vaults.get(vault, {}).values() if u.aborted_at is None]
+            upload = self._state.vaults[vault][upload_id]
+            generation = upload.parts[index][1] + 1 if index in upload.parts else 0
+            upload.parts[index] = (upload.part_size if size is None else size, generation)
+
+    def complete(self, vault: str, upload_id: str) -> None:
+        """The uploader completed the upload: it becomes an archive, no longer listed."""
+        with self._lock:
+            self._state.vaults[vault][upload_id].completed = True
+
+    def remove(self, vault: str, upload_id: str) -> None:
+        """The upload vanishes without trace (AWS removing an upload idle for 24 hours)."""
+        with self._lock:
+            del self._state.vaults[vault][upload_id]
+
+    def uploads(self, vault: str) -> list[FakeUpload]:
+        """The uploads still in progress (not aborted, not completed) in a vault."""
+        with self._lock:
+            return [u for u in self._state.vaults.get(vault, {}).values() if u.in_progress]
 
     def has_upload(self, vault: str, upload_id: str) -> bool:
         return any(u.upload_id == upload_id for u in self.uploads(vault))
 
     # -- switches --------------------------------------------------------------------------------
 
-    def throttle(self, count: int, code: str = "LimitExceededException") -> None:
-        """Answer the next ``count`` requests with a throttling error (HTTP 400, as Glacier)."""
+    def throttle(self, count: int, code: str = "ThrottlingException", *, after: int = 0) -> None:
+        """Answer ``count`` requests with ``code`` (HTTP 400, as Glacier), once ``after`` more
+        requests have been answered normally."""
         with self._lock:
             self._state.throttle_left = count
+            self._state.throttle_after = after
             self._state.throttle_code = code
 
     def hang(self, count: int, seconds: float) -> None:
@@ -219,6 +290,9 @@ class FakeGlacier(FakeHTTPService):
 
     def _take_throttle(self) -> str | None:
         with self._lock:
+            if self._state.throttle_after > 0:
+                self._state.throttle_after -= 1
+                return None
             if self._state.throttle_left > 0:
                 self._state.throttle_left -= 1
                 return self._state.throttle_code
@@ -260,12 +334,12 @@ class FakeGlacier(FakeHTTPService):
             raise GlacierError(
                 403, "IncompleteSignatureException", "x-amz-date is missing or malformed"
             ) from error
-        if abs(signed_at - self.now()) > MAX_SKEW:
+        if abs(signed_at - self.now()) > self.max_skew:
             raise GlacierError(
                 403,
                 "InvalidSignatureException",
                 f"Signature expired: {amz_date} is now earlier than "
-                f"{(self.now() - MAX_SKEW).strftime('%Y%m%dT%H%M%SZ')}",
+                f"{(self.now() - self.max_skew).strftime('%Y%m%dT%H%M%SZ')}",
             )
         signed = match["signed"].split(";")
         request = AWSRequest(
@@ -300,6 +374,13 @@ class FakeGlacier(FakeHTTPService):
                 f"Required header x-amz-glacier-version: {GLACIER_VERSION}",
             )
         self.check_signature(method, raw_path, headers, body)
+        with self._lock:
+            if self.request_budget is not None:
+                if self.request_budget <= 0:
+                    raise GlacierError(400, "RequestBudgetExhausted", "test request budget spent")
+                self.request_budget -= 1
+        if self.request_hook is not None:
+            self.request_hook(method, urllib.parse.unquote(urllib.parse.urlsplit(raw_path).path))
         code = self._take_throttle()
         if code is not None:
             raise GlacierError(400, code, "Too many requests; slow down.")
@@ -324,12 +405,15 @@ class FakeGlacier(FakeHTTPService):
             return 204, None
         raise GlacierError(400, "InvalidParameterValueException", f"{method} not supported here")
 
-    @staticmethod
-    def _limit(query: dict[str, list[str]]) -> int:
-        text = query.get("limit", ["50"])[0]
-        if not text.isdigit() or not 1 <= int(text) <= 1000:
+    def _limit(self, query: dict[str, list[str]]) -> int:
+        text = query.get("limit", [str(MAX_LIMIT)])[0]
+        if text.isdigit() and int(text) > MAX_LIMIT and self.page_limit == "cap":
+            return MAX_LIMIT
+        if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
             raise GlacierError(
-                400, "InvalidParameterValueException", f"Invalid limit: {text} (1 to 1000)"
+                400,
+                "InvalidParameterValueException",
+                f"Invalid limit: {text} (1 to {MAX_LIMIT})",
             )
         return int(text)
 
@@ -351,25 +435,49 @@ class FakeGlacier(FakeHTTPService):
 
     def _live(self, vault: str, upload_id: str) -> FakeUpload:
         upload = self._vault(vault).get(upload_id)
-        if upload is None or upload.aborted_at is not None:
+        if upload is not None and upload.aborted_at is not None and upload.lag_left > 0:
+            upload.lag_left -= 1  # the abort has not reached every replica yet
+            return upload
+        if upload is not None and upload.completed:
+            status, code = self.completed_error
+            raise GlacierError(status, code, f"The upload was completed: {upload_id}")
+        if upload is None or not upload.in_progress:
             raise GlacierError(
                 404, "ResourceNotFoundException", f"The upload ID was not found: {upload_id}"
             )
         return upload
 
+    def _next_marker(
+        self, listing: tuple[str, str | None], asked: str | None, real: str | None
+    ) -> str | None:
+        """The marker to answer: the real one, or in the cycling variant the first one again."""
+        if real is None:
+            return None
+        first = self._state.first_markers.setdefault(listing, real)
+        if self.cycle_markers and asked is not None and asked != first:
+            return first
+        return real
+
     def _list_uploads(self, vault: str, limit: int, marker: str | None) -> dict[str, Any]:
         with self._lock:
-            live = sorted(
-                (self._order(u.upload_id), u)
-                for u in self._vault(vault).values()
-                if u.aborted_at is None
-            )
-        after = _unb64(marker).get("after", "") if marker else ""
-        rest = [u for order, u in live if order > after]
-        page = rest[:limit]
-        next_marker = (
-            _b64({"after": self._order(page[-1].upload_id)}) if len(rest) > limit else None
-        )
+            uploads = self._vault(vault)
+            live = sorted((self._order(u.upload_id), u) for u in uploads.values() if u.in_progress)
+            begin = ""
+            if marker:
+                begin_id = str(_unb64(marker).get("upload", ""))
+                if self.stale_markers == "404" and not (
+                    begin_id in uploads and uploads[begin_id].in_progress
+                ):
+                    raise GlacierError(
+                        404,
+                        "ResourceNotFoundException",
+                        f"The upload ID was not found: {begin_id}",
+                    )
+                begin = self._order(begin_id)
+            rest = [u for order, u in live if order >= begin]
+            page = rest[:limit]
+            real = _b64({"upload": rest[limit].upload_id}) if len(rest) > limit else None
+            next_marker = self._next_marker((vault, None), marker, real)
         return {
             "Marker": next_marker,
             "UploadsList": [
@@ -388,24 +496,49 @@ class FakeGlacier(FakeHTTPService):
         self, vault: str, upload_id: str, limit: int, marker: str | None
     ) -> dict[str, Any]:
         with self._lock:
+            self._state.parts_pages[upload_id] = self._state.parts_pages.get(upload_id, 0) + 1
+            page_number = self._state.parts_pages[upload_id]
+        if self.parts_page_hook is not None:
+            self.parts_page_hook(upload_id, page_number)
+        with self._lock:
             upload = self._live(vault, upload_id)
-            sizes = list(upload.part_sizes)
-        start = int(_unb64(marker).get("index", 0)) if marker else 0
-        page = list(range(start, min(start + limit, len(sizes))))
+            ordered = sorted(upload.parts.items())  # sorted by range
+            position = 0
+            if marker:
+                where = _unb64(marker)
+                if self.part_markers == "position":
+                    position = int(where.get("index", 0))
+                else:
+                    start = int(where.get("start", 0))
+                    position = next(
+                        (n for n, (i, _) in enumerate(ordered) if i * upload.part_size >= start),
+                        len(ordered),
+                    )
+            page = ordered[position : position + limit]
+            end = position + len(page)
+            real = None
+            if end < len(ordered):
+                real = _b64(
+                    {"index": end}
+                    if self.part_markers == "position"
+                    else {"start": ordered[end][0] * upload.part_size}
+                )
+            next_marker = self._next_marker((vault, upload_id), marker, real)
         parts = []
-        for index in page:
+        for index, (size, generation) in page:
             first = index * upload.part_size
             parts.append(
                 {
-                    "RangeInBytes": f"{first}-{first + sizes[index] - 1}",
-                    "SHA256TreeHash": hashlib.sha256(f"{upload_id}/{index}".encode()).hexdigest(),
+                    "RangeInBytes": f"{first}-{first + size - 1}",
+                    "SHA256TreeHash": hashlib.sha256(
+                        f"{upload_id}/{index}/{generation}".encode()
+                    ).hexdigest(),
                 }
             )
-        end = start + len(page)
         return {
             "ArchiveDescription": upload.description,
             "CreationDate": _iso(upload.created),
-            "Marker": _b64({"index": end}) if end < len(sizes) else None,
+            "Marker": next_marker,
             "MultipartUploadId": upload_id,
             "PartSizeInBytes": upload.part_size,
             "Parts": parts,
@@ -419,8 +552,12 @@ class FakeGlacier(FakeHTTPService):
                 raise GlacierError(
                     404, "ResourceNotFoundException", f"The upload ID was not found: {upload_id}"
                 )
+            if upload.completed:
+                status, code = self.completed_error
+                raise GlacierError(status, code, f"The upload was completed: {upload_id}")
             if upload.aborted_at is None:
                 upload.aborted_at = self.now()
+                upload.lag_left = self.abort_lag
             elif self.now() - upload.aborted_at > self.abort_grace:
                 raise GlacierError(
                     404, "ResourceNotFoundException", f"The upload ID was not found: {upload_id}"
