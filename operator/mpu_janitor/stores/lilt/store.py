@@ -1,74 +1,17 @@
-"""LILT uploads: cancels abandoned multipart uploads that the uploader recorded in an inventory.
-
-Why an inventory. LILT has no call that lists incomplete multipart uploads. ``GET /v2/upload``
-lists pending uploads as ``{id, filename, status, created_at}``: no multipart ``uploadId`` and
-no S3 key, and cancelling needs both (``DELETE /v2/upload/s3/multipart/{uploadId}?s3Key=``).
-Both exist only in the response of the initiate call (``POST /v2/upload/s3/multipart`` returns
-``{uploadId, key}``), so the uploader records them right then with :func:`record_upload`, and
-the sweep reads them back. The inventory is a JSON Lines file
-(``spec.store.lilt.inventoryPath``), one upload a line::
-
-    {"uploadId": "...", "key": "uploads/42/file.zip", "initiated": "2025-01-31T12:00:00.000Z",
-     "filename": "file.zip", "size": 734003200}
-
-``filename`` and ``size`` are optional. Writers append under an exclusive ``flock`` on
-``<inventory>.lock`` (a separate file, because pruning replaces the inventory itself) and fsync
-each line. The sweep reads without the lock: appends and the atomic replacement never show it
-a half-written file, and an unterminated last line is a write in progress, skipped. Verified
-uploads are pruned by rewriting the file to a temporary one and renaming it over, under the
-lock, in batches (:meth:`LiltStore.forget`, flushed on :meth:`LiltStore.close`). An uploader
-that completes an upload should call :func:`forget_upload`; if it does not, a later sweep's
-cancel gets a 404 ("already gone", never counted as freed) and prunes the record then.
-
-The file must be visible to the uploader and to the janitor alike: the same host for the CLI,
-a volume shared with the uploader (ReadWriteMany, a filesystem with working ``flock``, e.g.
-NFSv4) for the operator, with both processes in a group that may write it.
-
-Clock. Ages are judged on LILT's clock: every page of the listing carries the Date header of
-``GET /v2/upload?ids=0``, an authenticated request that matches no upload (cheap, and it
-proves the API key before any cancel). Only if LILT sends no Date header is the local clock
-used, with a warning. ``initiated`` is what the uploader recorded: pass the Date header of the
-initiate response to be on LILT's clock (the default is the uploader's own clock).
-
-Size. LILT has no parts listing, so what an upload holds cannot be measured: ``measure``
-reports the record's ``size`` (declared by the uploader at initiation: the whole file, an
-upper bound of the parts stored), 0 when absent, and ``newest_part`` None, so the quiet period
-cannot see parts arriving: ``olderThan`` must be longer than an upload can take.
-
-Verification. With no parts listing to check, ``measure`` of an upload this store has
-cancelled repeats the cancel: a 404 proves LILT no longer knows the upload (UploadGone); a 200
-means it still accepted a cancel, so the upload is reported present and the engine aborts
-again (a bounded number of times) and then counts it failed. This relies on LILT answering 404
-for an unknown or cancelled upload id, as its S3 backend does (``NoSuchUpload``); were it to
-answer 200 to every repeat, those uploads would show as failed, never as freed. Measuring an
-upload we have not cancelled sends nothing.
-
-Auth. HTTP Basic with the API key as user and password (``LILT_API_KEY`` from the credentials
-Secret, else the environment), never the ``key`` query parameter that LILT also accepts: it
-collides with the S3 key. Redirects are not followed (they would carry the credentials away).
-
-Throttling. LILT allows 4,000 requests a minute and asks for a 60-second wait past it: a 429
-raises Throttled and the engine slows the sweep down.
-"""
+"""The LILT Store: cancels the uploads recorded in an inventory (see the package docstring)."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import email.utils
-import fcntl
 import json
 import logging
 import os
-import stat
-import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence, Set
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import urllib3
 
@@ -90,6 +33,7 @@ from mpu_janitor.stores.base import (
     UploadPage,
     unpaced,
 )
+from mpu_janitor.stores.lilt.inventory import InventoryRecord, parse_record, prune_uploads
 
 log = logging.getLogger(__name__)
 
@@ -101,180 +45,6 @@ SIZE_CACHE_PAGES = 8  # recent listing pages whose sizes measure() can look up w
 API_KEY_ENV = "LILT_API_KEY"
 QUOTA_MESSAGE = "LILT quota of 4000 requests a minute exceeded: LILT asks for a 60 s wait"
 QUOTA_WAIT_SECONDS = 60.0
-
-
-# --------------------------------------------------------------------------------------------
-# The inventory file
-
-
-@dataclass(frozen=True, slots=True)
-class InventoryRecord:
-    upload_id: str
-    key: str
-    initiated: datetime
-    filename: str | None = None
-    size: int | None = None
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _load(raw: bytes) -> dict[str, Any] | None:
-    """One line as a JSON object, or None (a torn or foreign line)."""
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def parse_record(raw: bytes) -> InventoryRecord | None:
-    """One inventory line, or None when it is not a usable upload record."""
-    data = _load(raw)
-    if data is None:
-        return None
-    upload_id, key, initiated = data.get("uploadId"), data.get("key"), data.get("initiated")
-    if not isinstance(upload_id, str) or not upload_id or not isinstance(key, str) or not key:
-        return None
-    if not isinstance(initiated, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(initiated)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:  # an age needs a zone; never guess one
-        return None
-    size = data.get("size")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        size = None
-    filename = data.get("filename")
-    return InventoryRecord(
-        upload_id,
-        key,
-        moment.astimezone(UTC),
-        filename if isinstance(filename, str) else None,
-        size,
-    )
-
-
-@contextlib.contextmanager
-def _inventory_lock(path: str) -> Iterator[None]:
-    """The writers' lock: ``flock`` on ``<path>.lock``, which is never replaced (the inventory
-    is, when pruned, so a lock on it would not exclude a writer holding the old file)."""
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o660)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def record_upload(
-    path: str | os.PathLike[str],
-    upload_id: str,
-    key: str,
-    initiated: datetime | None = None,
-    filename: str | None = None,
-    size: int | None = None,
-) -> None:
-    """Record a LILT multipart upload right after initiating it (for the uploader to call).
-
-    ``upload_id`` and ``key`` are the initiate response's ``uploadId`` and ``key``;
-    ``initiated`` (timezone-aware) is best taken from that response's Date header, and
-    defaults to now on this machine's clock; ``size`` is the file size declared at initiation.
-    Safe to call from many threads and processes at once; the record is on disk on return."""
-    if not upload_id or not key:
-        raise ValueError("upload_id and key are required (the initiate response's uploadId, key)")
-    moment = initiated if initiated is not None else datetime.now(UTC)
-    if moment.tzinfo is None:
-        raise ValueError("initiated must be timezone-aware")
-    if size is not None and size < 0:
-        raise ValueError("size must not be negative")
-    record: dict[str, Any] = {"uploadId": upload_id, "key": key, "initiated": _rfc3339(moment)}
-    if filename is not None:
-        record["filename"] = filename
-    if size is not None:
-        record["size"] = int(size)
-    line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-    target = os.fspath(path)
-    with _inventory_lock(target):
-        created = not os.path.exists(target)
-        fd = os.open(target, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o660)
-        try:
-            end = os.lseek(fd, 0, os.SEEK_END)
-            if end and os.pread(fd, 1, end - 1) != b"\n":
-                # A writer died mid-line: start on a fresh line rather than glue onto its debris.
-                line = b"\n" + line
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            _fsync_dir(os.path.dirname(os.path.abspath(target)))
-
-
-def prune_uploads(path: str | os.PathLike[str], upload_ids: Set[str]) -> int:
-    """Remove the records of ``upload_ids`` (every copy), atomically, under the writers' lock.
-    Lines that are not JSON (debris of a writer killed mid-line) go too. Returns how many
-    records were removed."""
-    target = os.fspath(path)
-    if not upload_ids:
-        return 0
-    directory = os.path.dirname(os.path.abspath(target))
-    with _inventory_lock(target):
-        try:
-            source = open(target, "rb")  # noqa: SIM115 (closed by the with below)
-        except FileNotFoundError:
-            return 0
-        removed = debris = 0
-        fd, temp = tempfile.mkstemp(prefix=".inventory-", suffix=".tmp", dir=directory)
-        try:
-            with source, os.fdopen(fd, "wb") as out:
-                mode = stat.S_IMODE(os.fstat(source.fileno()).st_mode)
-                for raw in source:
-                    data = _load(raw)
-                    if data is None:
-                        debris += 1
-                        continue
-                    if data.get("uploadId") in upload_ids:
-                        removed += 1
-                        continue
-                    out.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                out.flush()
-                os.fsync(out.fileno())
-            if removed == 0 and debris == 0:
-                os.unlink(temp)
-                return 0
-            os.chmod(temp, mode)  # mkstemp makes 0600: keep the uploader able to write
-            os.replace(temp, target)
-            _fsync_dir(directory)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-    if debris:
-        log.warning("%s: dropped %d unreadable line(s) while pruning", target, debris)
-    return removed
-
-
-def forget_upload(path: str | os.PathLike[str], upload_id: str) -> bool:
-    """Remove one upload's record, e.g. once the uploader has completed it."""
-    return prune_uploads(path, {upload_id}) > 0
-
-
-# --------------------------------------------------------------------------------------------
-# The store
 
 
 def _failure_code(error: BaseException | None) -> str:
