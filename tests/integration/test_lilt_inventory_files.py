@@ -45,7 +45,7 @@ def outcome(call: Callable[[], object]) -> BaseException | None:
     def run() -> None:
         try:
             call()
-        except BaseException as error:  # noqa: BLE001 (handed to the test)
+        except BaseException as error:
             caught.append(error)
         else:
             caught.append(None)

@@ -798,7 +798,7 @@ def test_uploaders_record_part_times_with_the_cli(tmp_path: Path) -> None:
     ]
     assert lines[2]["partAt"] == "2025-03-01T10:00:00.000Z"
     bad = subprocess.run(
-        base + ["--part-time", "yesterday"], capture_output=True, text=True, check=False
+        [*base, "--part-time", "yesterday"], capture_output=True, text=True, check=False
     )
     assert bad.returncode == 2 and "--part-time" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run(base, capture_output=True, text=True, check=False)

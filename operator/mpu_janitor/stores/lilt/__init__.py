@@ -51,22 +51,50 @@ Throttling. LILT allows 4,000 requests a minute and asks for a 60-second wait pa
 raises Throttled and the engine slows the sweep down.
 """
 
+from mpu_janitor.stores.lilt.api import CONTAINER, CancelAnswer, LiltApi
 from mpu_janitor.stores.lilt.inventory import (
+    InventoryError,
+    InventoryLocked,
     InventoryRecord,
     forget_upload,
     parse_record,
     prune_uploads,
+    record_part,
     record_upload,
+    unresolved_path,
+    update_inventory,
 )
-from mpu_janitor.stores.lilt.store import API_KEY_ENV, CONTAINER, LiltStore
+from mpu_janitor.stores.lilt.store import (
+    API_KEY_ENV,
+    MAX_CANCEL_SWEEPS,
+    CancelRefused,
+    CancelUnresolved,
+    CancelUnverified,
+    LiltStore,
+    UnrecordedUploads,
+    UploadNotFound,
+)
 
 __all__ = [
     "API_KEY_ENV",
     "CONTAINER",
+    "MAX_CANCEL_SWEEPS",
+    "CancelAnswer",
+    "CancelRefused",
+    "CancelUnresolved",
+    "CancelUnverified",
+    "InventoryError",
+    "InventoryLocked",
     "InventoryRecord",
+    "LiltApi",
     "LiltStore",
+    "UnrecordedUploads",
+    "UploadNotFound",
     "forget_upload",
     "parse_record",
     "prune_uploads",
+    "record_part",
     "record_upload",
+    "unresolved_path",
+    "update_inventory",
 ]

@@ -1,21 +1,20 @@
-"""The LILT Store: cancels the uploads recorded in an inventory (see the package docstring)."""
+"""The LILT Store: cancels the uploads recorded in an inventory and judges every answer LILT
+may give (the rules are in the package docstring)."""
 
 from __future__ import annotations
 
 import collections
-import email.utils
-import json
+import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
-import urllib3
-
-from mpu_janitor import __version__
 from mpu_janitor.policy import MAX_CONCURRENCY, LiltTarget
 from mpu_janitor.stores.base import (
     AccessDenied,
@@ -26,36 +25,137 @@ from mpu_janitor.stores.base import (
     RequestObserver,
     StoreCredentials,
     StoreError,
-    StoreUnreachable,
-    Throttled,
     Upload,
     UploadGone,
     UploadPage,
     unpaced,
 )
-from mpu_janitor.stores.lilt.inventory import InventoryRecord, parse_record, prune_uploads
+from mpu_janitor.stores.lilt.api import CONTAINER, CancelAnswer, LiltApi, PendingUpload
+from mpu_janitor.stores.lilt.inventory import (
+    InventoryError,
+    InventoryRecord,
+    open_regular,
+    parse_record,
+    read_part_times,
+    read_unresolved,
+    rfc3339,
+    unresolved_path,
+    update_inventory,
+)
 
 log = logging.getLogger(__name__)
 
-CONTAINER = "lilt"  # one inventory, one "container" in metrics and status
 PAGE_SIZE = 1000  # inventory records per listing page
-FORGET_BATCH = 100  # prune the inventory once this many uploads are verified gone...
+FORGET_BATCH = 100  # rewrite the inventory once this many changes are queued...
 FORGET_MAX_DELAY = 5.0  # ...or this many seconds after the first one, whichever comes first
-SIZE_CACHE_PAGES = 8  # recent listing pages whose sizes measure() can look up without a scan
+RECORD_CACHE_PAGES = 8  # recent listing pages whose records measure() finds without a scan
+STORE_LOCK_TIMEOUT = 10.0  # a sweep waits this long for the writers' lock, then retries later
 API_KEY_ENV = "LILT_API_KEY"
-QUOTA_MESSAGE = "LILT quota of 4000 requests a minute exceeded: LILT asks for a 60 s wait"
-QUOTA_WAIT_SECONDS = 60.0
+MAX_CANCEL_SWEEPS = 3  # sweeps a record's cancel may stay unsettled before it is given up
+UNRECORDED_GRACE = timedelta(minutes=15)  # a pending upload younger may be being recorded
+MATCH_TOLERANCE = timedelta(hours=1)  # recorded `initiated` vs LILT's `created_at`
+TERMINAL_STATUSES = frozenset(
+    {"complete", "completed", "cancelled", "canceled", "aborted", "failed", "error", "done"}
+)
 
 
-def _failure_code(error: BaseException | None) -> str:
-    """The observer's code for a request that got no answer."""
-    # urllib3 makes NewConnectionError a ConnectTimeoutError for compatibility: a refused
-    # connection is not a timeout.
-    if isinstance(error, urllib3.exceptions.NewConnectionError):
-        return "ConnectionError"
-    if isinstance(error, urllib3.exceptions.TimeoutError):
-        return "Timeout"
-    return "ConnectionError"
+class CancelRefused(StoreError):
+    """LILT answered a cancel and did not cancel: ``200 {success: false}`` or a 4xx."""
+
+    reason = "CancelRefused"
+
+
+class CancelUnverified(StoreError):
+    """LILT confirmed a cancel but gave no answer about the upload to its repeat (5xx)."""
+
+    reason = "CancelUnverified"
+
+
+class UploadNotFound(StoreError):
+    """First cancels answered 404: LILT does not know the uploads for this key."""
+
+    reason = "UploadNotFound"
+
+
+class CancelUnresolved(StoreError):
+    """Records given up after MAX_CANCEL_SWEEPS unsettled sweeps."""
+
+    reason = "CancelUnresolved"
+
+
+class UnrecordedUploads(StoreError):
+    """LILT lists pending uploads that the inventory does not record."""
+
+    reason = "UnrecordedUploads"
+
+
+class InventoryNotUpdated(StoreError):
+    """The inventory could not be rewritten (pruned, annotated)."""
+
+    reason = "InventoryNotUpdated"
+
+
+@dataclass
+class _Changes:
+    """Inventory changes queued for the next rewrite."""
+
+    prune: set[str] = field(default_factory=set)
+    annotate: dict[str, dict[str, Any]] = field(default_factory=dict)
+    give_up: dict[str, dict[str, Any]] = field(default_factory=dict)
+    since: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.prune) + len(self.annotate) + len(self.give_up)
+
+
+@dataclass
+class _Report:
+    """What this store noticed beyond single calls, for :meth:`LiltStore.findings`."""
+
+    not_found: list[str] = field(default_factory=list)  # keys
+    not_found_kept: int = 0  # 404s while the endpoint was unconfirmed: records kept
+    given_up: list[tuple[str, str]] = field(default_factory=list)  # (key, last outcome)
+    unrecorded: list[PendingUpload] = field(default_factory=list)
+    unrecorded_count: int = 0
+    not_updated: str | None = None
+
+
+class _PendingIndex:
+    """LILT's pending uploads, matched off one by one against the inventory's records."""
+
+    def __init__(self, items: list[PendingUpload], now: datetime) -> None:
+        cutoff = now - UNRECORDED_GRACE
+        self.by_name: dict[str | None, list[PendingUpload]] = collections.defaultdict(list)
+        for item in items:
+            if item.created_at is None or item.created_at > cutoff:
+                continue  # cannot judge, or young enough to be being recorded right now
+            if (item.status or "").lower() in TERMINAL_STATUSES:
+                continue
+            self.by_name[item.filename].append(item)
+        self.unnamed_records = 0
+
+    def match(self, record: InventoryRecord) -> None:
+        if record.filename is None:
+            self.unnamed_records += 1  # matched by count at the end
+            return
+        candidates = self.by_name.get(record.filename)
+        if not candidates:
+            return
+        best = min(
+            range(len(candidates)),
+            key=lambda n: abs(candidates[n].created_at - record.initiated),  # type: ignore[operator]
+        )
+        created = candidates[best].created_at
+        assert created is not None
+        if abs(created - record.initiated) <= MATCH_TOLERANCE:
+            candidates.pop(best)
+
+    def unrecorded(self) -> tuple[int, list[PendingUpload]]:
+        left = sorted(
+            (item for items in self.by_name.values() for item in items),
+            key=lambda item: item.created_at or datetime.max,
+        )
+        return max(0, len(left) - self.unnamed_records), left[:3]
 
 
 class LiltStore:
@@ -72,51 +172,31 @@ class LiltStore:
         read_timeout: float = 30.0,
     ) -> None:
         self.target = target
-        self._observer = observer
-        self._endpoint = target.endpoint.rstrip("/")
         api_key = (credentials.api_key if credentials is not None else None) or os.environ.get(
             API_KEY_ENV
         )
-        self._headers: dict[str, str] | None = None
-        if api_key:
-            self._headers = urllib3.util.make_headers(basic_auth=f"{api_key}:{api_key}")
-            self._headers.update(
-                {"Accept": "application/json", "User-Agent": f"mpu-janitor/{__version__}"}
-            )
-        self._http = urllib3.PoolManager(
-            maxsize=MAX_CONCURRENCY,  # one connection per sweep worker at most
-            timeout=urllib3.Timeout(connect=5.0, read=read_timeout),
-            # Retry only what never reached LILT (connecting). A cancel whose answer was lost may
-            # have been done: a blind retry would see 404 and call our own work "already gone".
-            retries=urllib3.Retry(
-                total=2,
-                connect=2,
-                read=0,
-                status=0,
-                redirect=0,
-                other=0,
-                backoff_factor=0.2,
-                raise_on_status=False,
-                raise_on_redirect=False,
-            ),
+        self._api = LiltApi(
+            target.endpoint,
+            api_key,
+            observer,
+            pool_size=MAX_CONCURRENCY,  # one connection per sweep worker at most
+            read_timeout=read_timeout,
+            key_hint=f"set {API_KEY_ENV} in the credentials Secret or the environment",
         )
         self._lock = threading.Lock()
-        self._sizes: collections.deque[dict[str, int | None]] = collections.deque(
-            maxlen=SIZE_CACHE_PAGES
+        self._records: collections.deque[dict[str, InventoryRecord]] = collections.deque(
+            maxlen=RECORD_CACHE_PAGES
         )
-        self._cancelled: set[str] = set()  # cancelled by us, not yet verified
-        self._gone: set[str] = set()  # known gone: verified, or 404 on our first cancel
-        self._pending: set[str] = set()  # verified gone, not yet pruned from the file
-        self._pending_since = 0.0
-        self._clock: tuple[datetime, float] | None = None  # (LILT's time, our monotonic then)
-        self._warned_no_date = False
-        self._endpoint_confirmed = False  # LILT answered 200 to our listing call here
+        self._accepted: set[str] = set()  # LILT confirmed our cancel in this sweep: verify
+        self._gone: set[str] = set()  # settled: verified gone, given up or pruned
+        self._changes = _Changes()
+        self._report = _Report()
 
     # -- plumbing --------------------------------------------------------------------------------
 
     @property
     def target_id(self) -> str:
-        return f"lilt:{self._endpoint}:{os.path.abspath(self.target.inventory_path or '-')}"
+        return f"lilt:{self._api.endpoint}:{os.path.abspath(self.target.inventory_path or '-')}"
 
     def _inventory(self) -> str:
         if not self.target.inventory_path:
@@ -127,137 +207,27 @@ class LiltStore:
             )
         return self.target.inventory_path
 
-    def _observe(self, operation: str, code: str) -> None:
+    def _open_inventory(self) -> int | None:
+        """The inventory's descriptor (None when nothing was recorded yet)."""
+        path = self._inventory()
         try:
-            self._observer(operation, code)
-        except Exception:  # a broken metrics callback must never break a store call
-            log.exception("request observer failed")
-
-    def _request(
-        self, method: str, operation: str, path: str, query: dict[str, str]
-    ) -> urllib3.BaseHTTPResponse:
-        if self._headers is None:
+            return open_regular(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except PermissionError as error:
             raise AccessDenied(
-                f"no LILT API key: set {API_KEY_ENV} in the credentials Secret or the environment",
-                container=CONTAINER,
-            )
-        url = f"{self._endpoint}{path}?{urllib.parse.urlencode(query)}"
-        try:
-            response = self._http.request(method, url, headers=self._headers, redirect=False)
-        except urllib3.exceptions.MaxRetryError as error:
-            self._observe(operation, _failure_code(error.reason))
-            raise StoreUnreachable(
-                f"LILT at {self._endpoint}: {error.reason}", container=CONTAINER
+                f"cannot read the inventory {path}: {error}", container=CONTAINER
             ) from error
-        except urllib3.exceptions.HTTPError as error:
-            self._observe(operation, _failure_code(error))
-            raise StoreUnreachable(
-                f"LILT at {self._endpoint}: {error}", container=CONTAINER
+        except InventoryError as error:
+            raise InvalidTarget(
+                f"spec.store.lilt.inventoryPath: {error}", container=CONTAINER
             ) from error
-        self._observe(operation, str(response.status))
-        self._note_clock(response)
-        return response
-
-    def _note_clock(self, response: urllib3.BaseHTTPResponse) -> datetime | None:
-        date = response.headers.get("Date")
-        if not date:
-            return None
-        try:
-            moment = email.utils.parsedate_to_datetime(date).astimezone(UTC)
-        except (TypeError, ValueError):
-            return None
-        with self._lock:
-            self._clock = (moment, time.monotonic())
-        return moment
-
-    def _now(self) -> datetime:
-        """LILT's clock as last seen, advanced by our monotonic clock since; else our clock."""
-        with self._lock:
-            clock = self._clock
-        if clock is None:
-            return datetime.now(UTC)
-        seen, at = clock
-        return seen + timedelta(seconds=time.monotonic() - at)
-
-    @staticmethod
-    def _message(response: urllib3.BaseHTTPResponse) -> str:
-        try:
-            body = json.loads(response.data or b"null")
-        except ValueError:
-            body = None
-        if isinstance(body, dict) and isinstance(body.get("message"), str):
-            return str(body["message"])
-        return response.data[:200].decode("utf-8", "replace").strip() or response.reason or ""
-
-    def _error(self, response: urllib3.BaseHTTPResponse) -> StoreError:
-        status, message = response.status, self._message(response)
-        if status in (401, 403):
-            return AccessDenied(
-                f"LILT rejected the API key ({status}): {message}", container=CONTAINER
-            )
-        if status == 429:
-            retry_after = response.headers.get("Retry-After")
-            hint = f" (Retry-After: {retry_after})" if retry_after else ""
-            return Throttled(
-                f"{QUOTA_MESSAGE}{hint}: {message}",
-                container=CONTAINER,
-                retry_after=_seconds(retry_after) or QUOTA_WAIT_SECONDS,
-            )
-        if status in (502, 503, 504):
-            return StoreUnreachable(f"LILT answered {status}: {message}", container=CONTAINER)
-        if 300 <= status < 400:
-            return StoreError(
-                f"LILT redirected ({status}) to {response.headers.get('Location')}; "
-                "not followed (it would carry the credentials)",
-                container=CONTAINER,
-            )
-        return StoreError(f"LILT answered {status}: {message}", container=CONTAINER)
-
-    def _server_time(self) -> datetime:
-        """LILT's clock, from the Date header of a request that matches no upload."""
-        response = self._request("GET", "ListUploads", "/v2/upload", {"ids": "0"})
-        if response.status in (401, 403, 429):
-            raise self._error(response)
-        if response.status == 200:
-            self._endpoint_confirmed = True
-        else:
-            log.warning(
-                "LILT at %s answered %d to GET /v2/upload: is spec.store.lilt.endpoint right?",
-                self._endpoint,
-                response.status,
-            )
-        # Any answer still carries LILT's Date, which is all this request is for.
-        moment = self._note_clock(response)
-        if moment is None:
-            if not self._warned_no_date:
-                log.warning(
-                    "LILT at %s sent no Date header: judging ages on the local clock",
-                    self._endpoint,
-                )
-                self._warned_no_date = True
-            return datetime.now(UTC)
-        return moment
-
-    def _cancel(self, upload: Upload) -> None:
-        path = f"/v2/upload/s3/multipart/{urllib.parse.quote(upload.upload_id, safe='')}"
-        response = self._request("DELETE", "CancelMultipartUpload", path, {"s3Key": upload.key})
-        if response.status == 404:
-            raise UploadGone(
-                f"LILT does not know upload {upload.upload_id}: {self._message(response)}"
-            )
-        if not 200 <= response.status < 300:
-            raise self._error(response)
-        try:
-            body = json.loads(response.data or b"{}")
-        except ValueError:
-            body = {}
-        if isinstance(body, dict) and body.get("success") is False:
+        except OSError as error:
             raise StoreError(
-                f"LILT did not cancel upload {upload.upload_id}: {body.get('message')}",
-                container=CONTAINER,
-            )
+                f"cannot open the inventory {path}: {error}", container=CONTAINER
+            ) from error
 
-    # -- the Store protocol ----------------------------------------------------------------------
+    # -- listing -------------------------------------------------------------------------------
 
     def containers(self) -> list[str]:
         return [CONTAINER]
@@ -265,7 +235,10 @@ class LiltStore:
     def list_uploads(
         self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
     ) -> Iterator[UploadPage]:
-        """The inventory, streamed in pages of 1,000 records, each page timed by LILT's clock."""
+        """The inventory, streamed in pages of 1,000 records, timed by LILT's clock. One
+        request (``GET /v2/upload``, through ``pace``) per listing: its Date is LILT's clock,
+        its answer proves the endpoint and the key, and its items are compared with the
+        inventory (uploads pending on LILT that nobody recorded are reported)."""
         if container != CONTAINER:
             raise ContainerNotFound(
                 f"a LILT store has one container, {CONTAINER!r}", container=container
@@ -277,17 +250,23 @@ class LiltStore:
                 f"inventory directory {directory} does not exist (is the shared volume mounted?)",
                 container=CONTAINER,
             )
+        fd = self._open_inventory()
         try:
-            source = open(path, "rb")  # noqa: SIM115 (closed by the with below)
-        except FileNotFoundError:
-            # Nothing recorded yet: a fresh uploader, not an error.
-            yield UploadPage([], self._server_time())
+            pending = pace(self._api.pending)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        index = _PendingIndex(pending, self._api.now())
+        for given_up in read_unresolved(path):
+            index.match(given_up)
+        if fd is None:
+            yield self._page([])
+            self._note_unrecorded(index)
             return
-        except PermissionError as error:
-            raise AccessDenied(
-                f"cannot read the inventory {path}: {error}", container=CONTAINER
-            ) from error
-        with source:
+        with os.fdopen(fd, "rb") as source:
+            parts = read_part_times(source)
+            source.seek(0)
             batch: list[InventoryRecord] = []
             pages = 0
             for number, raw in enumerate(source, 1):
@@ -295,9 +274,15 @@ class LiltStore:
                     continue  # the last line, still being written
                 record = parse_record(raw)
                 if record is None:
-                    if raw.strip():
+                    if raw.strip() and b'"partAt"' not in raw:
                         log.warning("%s:%d: not an upload record, skipped", path, number)
                     continue
+                newest = parts.get(record.upload_id)
+                if newest is not None and (
+                    record.last_part_at is None or record.last_part_at < newest
+                ):
+                    record = _with(record, last_part_at=newest)
+                index.match(record)
                 batch.append(record)
                 if len(batch) == PAGE_SIZE:
                     yield self._page(batch)
@@ -305,100 +290,286 @@ class LiltStore:
                     batch = []
             if batch or not pages:
                 yield self._page(batch)
+        self._note_unrecorded(index)
 
     def _page(self, records: list[InventoryRecord]) -> UploadPage:
-        now = self._server_time()
         with self._lock:
-            self._sizes.append({r.upload_id: r.size for r in records})
+            self._records.append({r.upload_id: r for r in records})
         return UploadPage(
-            [Upload(CONTAINER, r.key, r.upload_id, r.initiated) for r in records], now
+            [Upload(CONTAINER, r.key, r.upload_id, r.initiated) for r in records], self._api.now()
         )
 
-    def _recorded_size(self, upload: Upload) -> int | None:
-        """The size recorded for an upload; UploadGone once its record has left the inventory
-        (pruned after verification, or forgotten by the uploader on completion)."""
+    def _note_unrecorded(self, index: _PendingIndex) -> None:
+        count, first = index.unrecorded()
         with self._lock:
-            for page in reversed(self._sizes):
-                if upload.upload_id in page:
-                    return page[upload.upload_id]
-        path = self._inventory()
-        try:
-            with open(path, "rb") as source:
-                for raw in source:
-                    if raw.endswith(b"\n"):
-                        record = parse_record(raw)
-                        if record is not None and record.upload_id == upload.upload_id:
-                            return record.size
-        except FileNotFoundError:
-            pass
-        raise UploadGone(f"upload {upload.upload_id} is no longer in the inventory")
+            self._report.unrecorded_count = count
+            self._report.unrecorded = first
+
+    def _record(self, upload_id: str) -> InventoryRecord | None:
+        """The upload's record, from the recent pages or else the file."""
+        with self._lock:
+            for page in reversed(self._records):
+                if upload_id in page:
+                    return page[upload_id]
+        fd = self._open_inventory()
+        if fd is None:
+            return None
+        with os.fdopen(fd, "rb") as source:
+            parts = read_part_times(source)
+            source.seek(0)
+            for raw in source:
+                if raw.endswith(b"\n") and upload_id.encode() in raw:
+                    record = parse_record(raw)
+                    if record is not None and record.upload_id == upload_id:
+                        newest = parts.get(upload_id)
+                        if newest is not None and (
+                            record.last_part_at is None or record.last_part_at < newest
+                        ):
+                            record = _with(record, last_part_at=newest)
+                        return record
+        return None
+
+    # -- measuring and verifying ---------------------------------------------------------------
 
     def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
-        """The recorded size (LILT has no parts listing). For an upload we cancelled, the cancel
-        is repeated to verify it: 404 raises UploadGone (see the module docstring)."""
+        """The recorded upload: its declared size and its newest recorded part time (LILT has
+        no parts listing). For an upload whose cancel LILT confirmed in this sweep, the cancel
+        is repeated (through ``pace``, as a request that finishes a stop) to verify it."""
         with self._lock:
             gone = upload.upload_id in self._gone
-            cancelled = upload.upload_id in self._cancelled
+            accepted = upload.upload_id in self._accepted
         if gone:
-            raise UploadGone(f"upload {upload.upload_id} was verified gone in this sweep")
-        if cancelled:
-            self._cancel(upload)  # raises UploadGone on 404: verified
-            log.info(
-                "LILT accepted a repeated cancel of %s: reported as still present", upload.upload_id
-            )
-        size = self._recorded_size(upload)
+            raise UploadGone(f"upload {upload.upload_id} is settled in this sweep")
+        if accepted:
+            answer = pace(lambda: self._api.cancel(upload.upload_id, upload.key), finish=True)
+            self._verify(upload, answer)
+        record = self._record(upload.upload_id)
+        if record is None:
+            raise UploadGone(f"upload {upload.upload_id} is no longer in the inventory")
         return PartsSummary(
-            size_bytes=size or 0, part_count=0, newest_part=None, server_time=self._now()
+            size_bytes=record.size or 0,
+            part_count=0,
+            newest_part=record.last_part_at,
+            server_time=self._api.now(),
         )
 
-    def abort(self, upload: Upload) -> None:
-        try:
-            self._cancel(upload)
-        except UploadGone:
-            # LILT does not know this upload (completed, cancelled elsewhere): its record can
-            # never drive a cancel, so it goes. Only once LILT answered our listing call at this
-            # endpoint, so that a misconfigured endpoint's 404s never empty the inventory.
-            if self._endpoint_confirmed:
-                self._queue_prune(upload)
-            raise
+    def _verify(self, upload: Upload, answer: CancelAnswer) -> None:
+        """Judge the repeat of a cancel LILT confirmed: raises UploadGone (the cancel took
+        effect) or CancelUnverified (no answer about the upload)."""
         with self._lock:
-            self._cancelled.add(upload.upload_id)
+            self._accepted.discard(upload.upload_id)
+        if answer.confirmed or answer.refused or answer.not_found:
+            # The repeat is the very request LILT has just accepted: a second confirmation
+            # (an idempotent cancel) or any refusal can only come from the upload's new state.
+            with self._lock:
+                self._gone.add(upload.upload_id)
+            raise UploadGone(f"LILT answered the repeated cancel {answer.describe()}")
+        self._unsettled(upload, "CancelUnverified", accepted=True)
+        raise CancelUnverified(
+            f"LILT confirmed the cancel but answered its repeat {answer.describe()}: "
+            "not counted; cancelled again next sweep",
+            container=CONTAINER,
+        )
+
+    # -- cancelling ----------------------------------------------------------------------------
+
+    def abort(self, upload: Upload) -> None:
+        """One cancel, judged (see the package docstring for every answer)."""
+        answer = self._api.cancel(upload.upload_id, upload.key)
+        record = self._record(upload.upload_id)
+        earlier = record is not None and record.cancel_accepted is not None
+        if answer.confirmed:
+            with self._lock:
+                self._accepted.add(upload.upload_id)
+            return
+        if earlier and (answer.refused or answer.not_found):
+            # LILT confirmed our cancel in an earlier sweep that could not verify it: this is
+            # the answer about the upload's state that sweep lacked. Ours, counted now, once.
+            with self._lock:
+                self._gone.add(upload.upload_id)
+            return
+        if answer.not_found:
+            self._not_found(upload)
+            raise UploadGone(f"LILT does not know upload {upload.upload_id}: {answer.message}")
+        outcome = "CancelRefused" if answer.refused else "StoreError"
+        self._unsettled(upload, outcome, accepted=earlier)
+        text = f"LILT did not cancel upload {upload.upload_id}: {answer.describe()}"
+        if answer.refused:
+            raise CancelRefused(text, container=CONTAINER)
+        raise StoreError(text, container=CONTAINER)
+
+    def _not_found(self, upload: Upload) -> None:
+        """A first cancel answered 404: reported; the record moves to the unresolved file
+        (only once LILT answered our listing call here, so that a misconfigured endpoint's
+        404s never empty the inventory)."""
+        if not self._api.endpoint_confirmed:
+            with self._lock:
+                self._report.not_found_kept += 1
+                self._report.not_found.append(upload.key)
+            return
+        with self._lock:
+            self._report.not_found.append(upload.key)
+        self._give_up(upload, "UploadNotFound", report=False)
+
+    def _unsettled(self, upload: Upload, outcome: str, *, accepted: bool) -> None:
+        """A sweep whose cancel of this upload did not settle: counted in its record; the
+        MAX_CANCEL_SWEEPS-th such sweep gives the record up."""
+        record = self._record(upload.upload_id)
+        if record is None:
+            return
+        attempts = record.attempts + 1
+        fields: dict[str, Any] = {
+            "attempts": attempts,
+            "lastOutcome": outcome,
+            "lastAttempt": rfc3339(self._api.now()),
+        }
+        if accepted and record.cancel_accepted is None:
+            fields["cancelAccepted"] = rfc3339(self._api.now())
+        if attempts >= MAX_CANCEL_SWEEPS:
+            self._give_up(upload, outcome, fields=fields)
+        else:
+            self._queue(annotate={upload.upload_id: fields})
+
+    def _give_up(
+        self,
+        upload: Upload,
+        outcome: str,
+        *,
+        fields: dict[str, Any] | None = None,
+        report: bool = True,
+    ) -> None:
+        fields = dict(fields or {})
+        fields.setdefault("lastOutcome", outcome)
+        fields.setdefault("lastAttempt", rfc3339(self._api.now()))
+        fields["givenUp"] = rfc3339(self._api.now())
+        with self._lock:
+            self._gone.add(upload.upload_id)
+            if report:
+                self._report.given_up.append((upload.key, outcome))
+        self._queue(give_up={upload.upload_id: fields})
+
+    # -- the inventory's rewrites --------------------------------------------------------------
 
     def forget(self, upload: Upload) -> None:
         """Queue the record for pruning; the file is rewritten in batches (see FORGET_BATCH)."""
-        self._queue_prune(upload)
-
-    def _queue_prune(self, upload: Upload) -> None:
         with self._lock:
-            self._cancelled.discard(upload.upload_id)
             self._gone.add(upload.upload_id)
-            if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending.add(upload.upload_id)
+        self._queue(prune={upload.upload_id})
+
+    def _queue(
+        self,
+        *,
+        prune: set[str] | None = None,
+        annotate: dict[str, dict[str, Any]] | None = None,
+        give_up: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        with self._lock:
+            changes = self._changes
+            if not len(changes):
+                changes.since = time.monotonic()
+            changes.prune |= prune or set()
+            changes.annotate.update(annotate or {})
+            changes.give_up.update(give_up or {})
             due = (
-                len(self._pending) >= FORGET_BATCH
-                or time.monotonic() - self._pending_since >= FORGET_MAX_DELAY
+                len(changes) >= FORGET_BATCH or time.monotonic() - changes.since >= FORGET_MAX_DELAY
             )
         if due:
-            self.flush()
+            try:
+                self.flush()
+            except OSError as error:  # retried on the next flush; reported by findings()
+                log.warning("could not update the LILT inventory: %s", error)
 
     def flush(self) -> int:
-        """Prune the uploads verified gone so far from the inventory. Returns records removed."""
+        """Apply the queued changes to the inventory. Returns the records pruned."""
         with self._lock:
-            batch, self._pending = self._pending, set()
-        if not batch:
+            changes, self._changes = self._changes, _Changes()
+        if not len(changes):
             return 0
         try:
-            return prune_uploads(self._inventory(), batch)
-        except BaseException:
-            with self._lock:
-                self._pending |= batch  # try again on the next flush
+            done = update_inventory(
+                self._inventory(),
+                prune=changes.prune,
+                annotate=changes.annotate,
+                give_up=changes.give_up,
+                lock_timeout=STORE_LOCK_TIMEOUT,
+            )
+        except BaseException as error:
+            with self._lock:  # try again on the next flush
+                self._changes.prune |= changes.prune
+                for upload_id, fields in changes.annotate.items():
+                    self._changes.annotate.setdefault(upload_id, fields)
+                for upload_id, fields in changes.give_up.items():
+                    self._changes.give_up.setdefault(upload_id, fields)
+                if isinstance(error, OSError):
+                    self._report.not_updated = str(error)
             raise
+        with self._lock:
+            self._report.not_updated = None
+        return done.removed
+
+    def findings(self, container: str) -> list[StoreError]:
+        """What this sweep noticed beyond single calls, once its uploads are done: first
+        cancels answered 404, records given up, pending uploads nobody recorded, an inventory
+        that could not be updated. The engine reports each as a sweep issue."""
+        with contextlib.suppress(OSError):  # noted in the report
+            self.flush()
+        with self._lock:
+            report, self._report = self._report, _Report()
+        unresolved = unresolved_path(self._inventory())
+        found: list[StoreError] = []
+        if report.not_found:
+            moved = len(report.not_found) - report.not_found_kept
+            where = (
+                f"their records were moved to {unresolved}"
+                if not report.not_found_kept
+                else f"{moved} record(s) moved to {unresolved}, the others kept"
+            )
+            found.append(
+                UploadNotFound(
+                    f"{len(report.not_found)} upload(s) answered 404 to their first cancel "
+                    f"(first: {report.not_found[0]}): LILT does not know them for this API key. "
+                    "Completed (the uploader should call forget_upload on completion), "
+                    f"cancelled elsewhere, or initiated under another key; {where}",
+                    container=CONTAINER,
+                )
+            )
+        if report.given_up:
+            key, outcome = report.given_up[0]
+            found.append(
+                CancelUnresolved(
+                    f"{len(report.given_up)} upload(s) not settled after {MAX_CANCEL_SWEEPS} "
+                    f"sweeps (first: {key}, last answer {outcome}); no more cancels are sent, "
+                    f"their records were moved to {unresolved}: LILT may still hold them",
+                    container=CONTAINER,
+                )
+            )
+        if report.unrecorded_count:
+            first = report.unrecorded[0]
+            created = rfc3339(first.created_at) if first.created_at else "?"
+            found.append(
+                UnrecordedUploads(
+                    f"LILT lists {report.unrecorded_count} pending upload(s) older than "
+                    f"{int(UNRECORDED_GRACE.total_seconds() // 60)} min that the inventory "
+                    f"does not record (first: id {first.id} {first.filename!r} created "
+                    f"{created}): the uploader must record every upload it initiates "
+                    "(record_upload or `mpu-janitor lilt-record`), or they are never cancelled",
+                    container=CONTAINER,
+                )
+            )
+        if report.not_updated:
+            found.append(
+                InventoryNotUpdated(
+                    f"the inventory could not be updated ({report.not_updated}); "
+                    "retried at the end of the sweep and next sweep",
+                    container=CONTAINER,
+                )
+            )
+        return found
 
     def close(self) -> None:
-        """Prune what is still queued, then drop the connections. A prune that fails (a
+        """Apply what is still queued, then drop the connections. A rewrite that fails (a
         read-only volume, say) is logged, not raised: the sweep's result stands, and the next
-        sweep's cancels get 404 for those records and prune them again."""
+        sweep's cancels settle those records again."""
         try:
             self.flush()
         except OSError:
@@ -406,12 +577,8 @@ class LiltStore:
                 "could not prune the LILT inventory %s", self.target.inventory_path, exc_info=True
             )
         finally:
-            self._http.clear()
+            self._api.close()
 
 
-def _seconds(value: str | None) -> float | None:
-    """Retry-After in seconds (its HTTP-date form is treated as absent)."""
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
+def _with(record: InventoryRecord, **changes: Any) -> InventoryRecord:
+    return dataclasses.replace(record, **changes)
