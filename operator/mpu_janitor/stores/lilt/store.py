@@ -515,7 +515,7 @@ class LiltStore:
             self.flush()
         with self._lock:
             report, self._report = self._report, _Report()
-        unresolved = unresolved_path(self._inventory())
+        unresolved = unresolved_path(self.target.inventory_path or "-")
         found: list[StoreError] = []
         if report.not_found:
             moved = len(report.not_found) - report.not_found_kept
