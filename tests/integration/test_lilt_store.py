@@ -803,3 +803,18 @@ def test_uploaders_record_part_times_with_the_cli(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--part-time" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run(base, capture_output=True, text=True, check=False)
     assert missing.returncode == 2 and "--key" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "filename", ["a+b.zip", "q&a=1.zip", "50% #1?.zip", "überall ünïcode.zip", "tab\there.zip"]
+)
+def test_keys_with_reserved_characters_cancel_the_right_upload(
+    lilt: FakeLilt, inventory: Path, store: LiltStore, filename: str
+) -> None:
+    upload = start_upload(lilt, inventory, filename)
+    other = start_upload(lilt, inventory, filename.replace(".zip", ".other.zip"))
+    listed(store)
+    store.abort(upload)
+    assert not lilt.is_pending(upload.upload_id)
+    assert lilt.is_pending(other.upload_id)
+    assert lilt.requests[-1].query == {"s3Key": [upload.key]}
