@@ -56,6 +56,10 @@ def start_upload(server: FakeLilt, inventory: Path, filename: str, size: int = S
 
 
 def sweep(server: FakeLilt, inventory: Path) -> SweepResult:
+    return sweep_with(server, inventory, concurrency=2)
+
+
+def sweep_with(server: FakeLilt, inventory: Path, *, concurrency: int) -> SweepResult:
     policy = parse_policy(
         {
             "apiVersion": "mpu-janitor.dev/v1alpha1",
@@ -67,7 +71,7 @@ def sweep(server: FakeLilt, inventory: Path) -> SweepResult:
                     "lilt": {"endpoint": server.url, "inventoryPath": str(inventory)},
                 },
                 "match": {"olderThan": "2d"},
-                "limits": {"requestsPerSecond": 1000, "concurrency": 2},
+                "limits": {"requestsPerSecond": 1000, "concurrency": concurrency},
             },
         }
     )
@@ -233,3 +237,24 @@ def test_a_403_without_quota_wording_is_still_access_denied(
     )
     with pytest.raises(AccessDenied):
         list(store.list_uploads(CONTAINER, []))
+
+
+def test_no_cancel_is_sent_once_the_inventory_cannot_record_what_was_cancelled(
+    lilt: FakeLilt, inventory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mpu_janitor.stores.lilt.store as lilt_store
+
+    monkeypatch.setattr(lilt_store, "FORGET_BATCH", 1)  # rewrite after every verified upload
+    uploads = [start_upload(lilt, inventory, f"{n}.zip") for n in range(4)]
+    lock = Path(f"{inventory}.lock")
+    lock.unlink()
+    lock.mkdir()  # the inventory can no longer be rewritten
+
+    result = sweep_with(lilt, inventory, concurrency=1)
+
+    # The first verified upload is counted; its record cannot be pruned, so no further cancel
+    # goes out (a LILT that confirms repeated cancels would count it again next sweep).
+    assert (result.total("aborted"), result.freed_bytes) == (1, SIZE)
+    assert result.failed == 3
+    assert "InventoryNotUpdated" in {issue.reason for issue in result.issues}
+    assert sum(not lilt.is_pending(u.upload_id) for u in uploads) == 1

@@ -374,7 +374,16 @@ class LiltStore:
     # -- cancelling ----------------------------------------------------------------------------
 
     def abort(self, upload: Upload) -> None:
-        """One cancel, judged (see the package docstring for every answer)."""
+        """One cancel, judged (see the package docstring for every answer). None is sent once
+        the inventory could not be rewritten in this sweep: a record that cannot be pruned
+        after its upload was counted freed could be counted again by a later sweep."""
+        with self._lock:
+            not_updated = self._report.not_updated
+        if not_updated:
+            raise InventoryNotUpdated(
+                f"not cancelled: the inventory cannot record what was cancelled ({not_updated})",
+                container=CONTAINER,
+            )
         answer = self._api.cancel(upload.upload_id, upload.key)
         record = self._record(upload.upload_id)
         earlier = record is not None and record.cancel_accepted is not None
