@@ -245,6 +245,9 @@ def test_no_cancel_is_sent_once_the_inventory_cannot_record_what_was_cancelled(
     import mpu_janitor.stores.lilt.store as lilt_store
 
     monkeypatch.setattr(lilt_store, "FORGET_BATCH", 1)  # rewrite after every verified upload
+    # The inventory becomes unwritable after the listing checked it (a volume remounted
+    # read-only in the middle of the sweep, say).
+    monkeypatch.setattr(LiltStore, "_check_writable", lambda self, path: None)
     uploads = [start_upload(lilt, inventory, f"{n}.zip") for n in range(4)]
     lock = Path(f"{inventory}.lock")
     lock.unlink()
@@ -258,3 +261,26 @@ def test_no_cancel_is_sent_once_the_inventory_cannot_record_what_was_cancelled(
     assert result.failed == 3
     assert "InventoryNotUpdated" in {issue.reason for issue in result.issues}
     assert sum(not lilt.is_pending(u.upload_id) for u in uploads) == 1
+
+
+def test_an_inventory_that_cannot_be_written_gets_no_cancel_at_all(
+    lilt: FakeLilt, inventory: Path
+) -> None:
+    uploads = [start_upload(lilt, inventory, f"{n}.zip") for n in range(2)]
+    lock = Path(f"{inventory}.lock")
+    lock.unlink()
+    lock.mkdir()  # as a read-only volume would: nothing the sweep does could be recorded
+
+    result = sweep(lilt, inventory)
+
+    assert (result.total("scanned"), result.total("aborted"), result.failed) == (2, 0, 2)
+    assert {issue.reason for issue in result.issues} == {"InventoryNotUpdated"}
+    assert cancels(lilt) == 0
+    assert all(lilt.is_pending(u.upload_id) for u in uploads)
+    store = LiltStore(
+        LiltTarget(lilt.url, str(inventory)),
+        StoreCredentials(api_key=lilt.api_key),
+        lambda operation, code: None,
+    )
+    (page,) = store.list_uploads(CONTAINER, [])
+    assert len(page.uploads) == 2  # still listed

@@ -61,10 +61,11 @@ documented confirmation, nothing twice, and no upload is cancelled forever):
   never move records.
 * After ``MAX_CANCEL_SWEEPS`` (3) unsettled sweeps a record is given up: moved to the
   unresolved file, reported as ``CancelUnresolved``; no more cancels are sent.
-* Once the inventory cannot be rewritten in a sweep (read-only volume, lock not obtained in
-  10 s), no further cancel is sent in that sweep (``InventoryNotUpdated``): a record counted
-  freed but not pruned would be cancelled again next sweep, and a LILT that confirms repeated
-  cancels would have it counted twice.
+* An inventory the sweep cannot write (checked at the start of the listing: the lock taken,
+  the file opened for writing) gets no cancel at all, and once a rewrite fails during a sweep
+  no further cancel is sent in it (``InventoryNotUpdated``): a record counted freed but not
+  pruned would be cancelled again next sweep, and a LILT that confirms repeated cancels would
+  have it counted twice. Listing and DryRun go on.
 * 429, and 403 or 503 with quota wording: Throttled, 60 s (or Retry-After, at most 300 s); the
   engine retries that one request. 401/403 otherwise: AccessDenied. 502-504 and no answer:
   StoreUnreachable (no attempt counted: an outage must not give records up).

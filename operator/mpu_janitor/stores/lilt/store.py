@@ -34,6 +34,7 @@ from mpu_janitor.stores.lilt.api import CONTAINER, CancelAnswer, LiltApi, Pendin
 from mpu_janitor.stores.lilt.inventory import (
     InventoryError,
     InventoryRecord,
+    inventory_lock,
     open_regular,
     parse_record,
     read_part_times,
@@ -251,6 +252,8 @@ class LiltStore:
                 container=CONTAINER,
             )
         fd = self._open_inventory()
+        if fd is not None:
+            self._check_writable(path)
         try:
             pending = pace(self._api.pending)
         except BaseException:
@@ -291,6 +294,20 @@ class LiltStore:
             if batch or not pages:
                 yield self._page(batch)
         self._note_unrecorded(index)
+
+    def _check_writable(self, path: str) -> None:
+        """Can this sweep record what it cancels (take the lock, open the file for writing)?
+        If not (a read-only volume, a lock that cannot be taken), no cancel is sent: see
+        :meth:`abort`. Listing and measuring go on (``list``, DryRun)."""
+        try:
+            with inventory_lock(path, timeout=STORE_LOCK_TIMEOUT):
+                os.close(open_regular(path, os.O_WRONLY | os.O_APPEND))
+        except FileNotFoundError:
+            return  # pruned meanwhile: nothing to record against yet
+        except OSError as error:
+            log.warning("the LILT inventory %s cannot be written: %s", path, error)
+            with self._lock:
+                self._report.not_updated = f"cannot write {path}: {error}"
 
     def _page(self, records: list[InventoryRecord]) -> UploadPage:
         with self._lock:
