@@ -231,14 +231,31 @@ def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def command_lilt_record(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from mpu_janitor.stores.lilt import record_upload
+    from datetime import datetime
+
+    from mpu_janitor.stores.lilt import InventoryError, record_part, record_upload
 
     try:
-        record_upload(
-            args.inventory, args.upload_id, args.key, filename=args.filename, size=args.size
-        )
+        if args.part_time is not None:
+            at = None
+            if args.part_time != "now":
+                at = datetime.fromisoformat(args.part_time)
+                if at.tzinfo is None:
+                    raise PolicyError("--part-time", f"{args.part_time!r} has no time zone")
+            record_part(args.inventory, args.upload_id, at=at)
+        elif not args.key:
+            raise PolicyError("--key", "is required to record an upload (or give --part-time)")
+        else:
+            record_upload(
+                args.inventory, args.upload_id, args.key, filename=args.filename, size=args.size
+            )
+    except PolicyError:
+        raise
     except ValueError as error:
-        raise PolicyError("lilt-record", str(error)) from None
+        field = "--part-time" if args.part_time is not None else "lilt-record"
+        raise PolicyError(field, str(error)) from None
+    except InventoryError as error:
+        raise PolicyError("--inventory", str(error)) from None
     except OSError as error:
         raise PolicyError("--inventory", f"{args.inventory}: {error.strerror}") from None
     return EXIT_OK
@@ -270,9 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     record.add_argument("--inventory", required=True, help="the policy's lilt.inventoryPath")
     record.add_argument("--upload-id", required=True, help="uploadId from the initiate response")
-    record.add_argument("--key", required=True, help="key (the S3 key) from that response")
+    record.add_argument("--key", help="key (the S3 key) from that response")
     record.add_argument("--size", type=int, help="the file size declared at initiation")
-    record.add_argument("--filename", help="the file's name, for people reading the inventory")
+    record.add_argument(
+        "--filename",
+        help="the file's name as sent to initiate (compared with LILT's pending uploads)",
+    )
+    record.add_argument(
+        "--part-time",
+        nargs="?",
+        const="now",
+        metavar="TIME",
+        help="record that a part of --upload-id arrived at TIME (RFC 3339 with a zone; "
+        "default now), so the sweep can honour quietPeriod",
+    )
     record.set_defaults(run=command_lilt_record)
 
     operator = commands.add_parser("operator", help="run the Kubernetes operator")

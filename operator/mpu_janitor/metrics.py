@@ -36,6 +36,7 @@ ABORT_RESULTS = {
 }
 
 PolicyKey = tuple[str, str]  # (namespace, name)
+DECLARED = "; LILT: sizes uploaders declared, not measured"  # LILT has no parts listing
 
 
 @dataclass
@@ -141,9 +142,10 @@ class MetricsState(Collector):
         bucket_labels = [*policy_labels, "bucket"]
         gauge_help = {
             "incomplete_uploads": "Incomplete multipart uploads in scope after the last sweep",
-            "incomplete_upload_bytes": "Bytes of incomplete uploads in scope after the last sweep",
+            "incomplete_upload_bytes": "Bytes of incomplete uploads in scope after the last sweep"
+            + DECLARED,
             "eligible_uploads": "Matched uploads still there (what DryRun would abort)",
-            "eligible_upload_bytes": "Bytes of matched uploads still there",
+            "eligible_upload_bytes": "Bytes of matched uploads still there" + DECLARED,
             "oldest_incomplete_upload_age_seconds": "Oldest upload age (store clock)",
         }
         with self._lock:
@@ -173,7 +175,9 @@ class MetricsState(Collector):
                 labels=[*bucket_labels, "result"],
             )
             freed = CounterMetricFamily(
-                PREFIX + "freed_bytes", "Bytes freed by aborts verified gone", labels=bucket_labels
+                PREFIX + "freed_bytes",
+                "Bytes freed by aborts verified gone" + DECLARED,
+                labels=bucket_labels,
             )
             requests = CounterMetricFamily(
                 PREFIX + "store_requests",

@@ -53,9 +53,11 @@ def ready_condition(
 def sweep_message(result: SweepResult) -> str:
     summary = result.summary()
     mode = "dry run: " if result.dry_run else ""
+    # LILT has no parts listing: its sizes are what uploaders declared at initiation.
+    declared = " (declared by the uploader, not measured)" if result.store == "LILT" else ""
     text = (
         f"{mode}{summary['scanned']} scanned, {summary['eligible']} eligible, "
-        f"{summary['aborted']} aborted, {summary['freedBytes']} bytes freed, "
+        f"{summary['aborted']} aborted, {summary['freedBytes']} bytes freed{declared}, "
         f"{summary['skippedActive']} active, {summary['alreadyGone']} already gone, "
         f"{summary['failed']} failed"
     )

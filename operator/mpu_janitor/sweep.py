@@ -393,6 +393,20 @@ class _Sweep:
         except Exception:  # the upload is gone either way; a stale inventory entry is harmless
             log.warning("could not prune %s from the store's inventory", upload.key, exc_info=True)
 
+    def report_findings(self, container: str) -> None:
+        """Conditions a store noticed beyond single calls, once the container's uploads are
+        done (LILT: first cancels answered 404, given-up records, unrecorded uploads)."""
+        findings: Callable[[str], list[StoreError]] | None = getattr(self.store, "findings", None)
+        if findings is None:
+            return
+        try:
+            found = findings(container)
+        except Exception:
+            log.exception("a store's findings failed")
+            return
+        for finding in found:
+            self.issue(finding.reason, str(finding), container)
+
     # -- one container -----------------------------------------------------------------------------
 
     def sweep_container(
@@ -472,7 +486,10 @@ def run_sweep(
                 break
             try:
                 with locks.hold(f"{store.target_id}|{container}", cancel):
-                    sweep.sweep_container(container, pool, progress)
+                    try:
+                        sweep.sweep_container(container, pool, progress)
+                    finally:
+                        sweep.report_findings(container)
             except Cancelled:
                 result.cancelled = True
                 break

@@ -24,6 +24,7 @@ from mpu_janitor.stores.base import (
     ContainerNotFound,
     InvalidTarget,
     StoreCredentials,
+    StoreError,
     StoreUnreachable,
     Throttled,
     Upload,
@@ -35,7 +36,9 @@ from mpu_janitor.stores.lilt import (
     forget_upload,
     parse_record,
     prune_uploads,
+    record_part,
     record_upload,
+    unresolved_path,
 )
 from mpu_janitor.sweep import TargetLocks, run_sweep
 from tests.support.lilt_server import FakeLilt
@@ -96,7 +99,7 @@ def start_upload(
     size: int | None = None,
 ) -> Upload:
     """What the uploader does: initiate at LILT, then record the upload in the inventory."""
-    upload_id, key = server.initiate(filename, size)
+    upload_id, key = server.initiate(filename, size, age=age)
     initiated = server.now() - age
     record_upload(inventory, upload_id, key, initiated=initiated, filename=filename, size=size)
     return Upload(CONTAINER, key, upload_id, initiated)
@@ -279,6 +282,8 @@ def test_cancel_sends_basic_auth_and_s3key_and_never_the_key_parameter(
     assert (cancel.method, cancel.path) == ("DELETE", f"/v2/upload/s3/multipart/{upload.upload_id}")
     assert cancel.query == {"s3Key": [upload.key]}
     assert cancel.status == 200
+    # Percent-encoded as LILT's client does: a space is %20 (a + would be a plus sign).
+    assert cancel.raw_query == "s3Key=" + upload.key.replace(" ", "%20")
 
 
 def test_abort_then_measure_is_upload_gone(
@@ -302,14 +307,15 @@ def test_abort_then_measure_is_upload_gone(
     ]
 
 
-def test_a_cancel_that_lilt_accepts_again_is_not_reported_gone(
+def test_a_repeated_cancel_that_lilt_accepts_again_confirms_the_cancel(
     lilt: FakeLilt, inventory: Path, store: LiltStore
 ) -> None:
-    lilt.repeat_cancel_status = 200
+    lilt.repeat_cancel = "200"  # an idempotent cancel: LILT confirms it once more
     upload = start_upload(lilt, inventory, "a.bin", size=1)
     listed(store)
     store.abort(upload)
-    assert store.measure(upload).size_bytes == 1  # still reported: unproven
+    with pytest.raises(UploadGone):
+        store.measure(upload)
 
 
 def test_cancel_of_an_unknown_upload_is_upload_gone(lilt: FakeLilt, store: LiltStore) -> None:
@@ -499,7 +505,7 @@ def test_a_sweep_cancels_exactly_the_eligible_uploads_and_prunes_them(
 
 
 def test_a_sweep_never_claims_bytes_it_could_not_verify(lilt: FakeLilt, inventory: Path) -> None:
-    lilt.repeat_cancel_status = 200  # a LILT that accepts any number of cancels: no proof
+    lilt.repeat_cancel = "500"  # LILT confirms the cancel but cannot answer its repeat
     upload = start_upload(lilt, inventory, "a.zip", age=timedelta(days=3), size=999)
     policy = lilt_policy(lilt, inventory)
     store = open_store(policy.store, StoreCredentials(api_key=lilt.api_key))
@@ -524,7 +530,8 @@ def test_a_sweep_prunes_records_lilt_no_longer_knows_without_claiming_them(
     store.close()
 
     assert (result.total("already_gone"), result.total("aborted"), result.freed_bytes) == (1, 0, 0)
-    assert result.issues == []
+    assert [issue.reason for issue in result.issues] == ["UploadNotFound"]  # never silent
+    assert "forget_upload" in result.issues[0].message  # what the uploader should do
     assert records(inventory) == []
 
 
@@ -532,13 +539,14 @@ def test_a_misrouted_endpoint_never_empties_the_inventory(lilt: FakeLilt, invent
     upload = start_upload(lilt, inventory, "a.zip", age=timedelta(days=3), size=50)
     store = make_store(lilt, inventory, endpoint=f"{lilt.url}/not-the-api")
 
-    for page in store.list_uploads(CONTAINER, []):
-        for listed_upload in page.uploads:
-            with pytest.raises(UploadGone):  # every path 404s there
-                store.abort(listed_upload)
+    with pytest.raises(StoreError, match="endpoint"):  # the pending-uploads call 404s there
+        listed(store)
+    with pytest.raises(UploadGone):  # and so does every cancel
+        store.abort(upload)
     store.close()
 
     assert [r["uploadId"] for r in records(inventory)] == [upload.upload_id]
+    assert not unresolved_path(inventory).exists()
     assert lilt.is_pending(upload.upload_id)
 
 
@@ -606,3 +614,207 @@ def test_uploaders_record_with_the_cli(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2 and "size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Documented requests only, every one paced
+
+
+def test_the_clock_and_reachability_come_from_one_documented_request(
+    lilt: FakeLilt, inventory: Path, store: LiltStore
+) -> None:
+    with open(inventory, "w") as out:
+        for n in range(2500):
+            out.write(
+                json.dumps(
+                    {"uploadId": f"u{n}", "key": f"k/{n}", "initiated": "2025-01-01T00:00:00Z"}
+                )
+                + "\n"
+            )
+    lilt.clock_offset = timedelta(hours=-3)
+
+    pages = list(store.list_uploads(CONTAINER, []))
+
+    assert len(pages) == 3
+    # GET /v2/upload without parameters: the documented pending-uploads call (ids=0 is no id).
+    assert [(r.method, r.path, r.raw_query, r.status) for r in lilt.requests] == [
+        ("GET", "/v2/upload", "", 200)
+    ]
+    assert all(abs(page.server_time - lilt.now()) < timedelta(seconds=2) for page in pages)
+
+
+def test_cancel_answers_keep_the_clock(lilt: FakeLilt, inventory: Path, store: LiltStore) -> None:
+    upload = start_upload(lilt, inventory, "a.bin", size=1)
+    listed(store)
+    lilt.clock_offset = timedelta(hours=5)  # LILT's clock moved (or ours drifted)
+    store.abort(upload)
+    assert abs(store.measure(start_upload(lilt, inventory, "b.bin")).server_time - lilt.now()) < (
+        timedelta(seconds=2)
+    )
+
+
+class RecordingPace:
+    """A pace that counts the requests it sends, retries a throttled one (like the engine),
+    and stops before a request once told to."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.finishing = 0
+        self.stopping = False
+
+    def __call__(self, request: Any, *, finish: bool = False) -> Any:
+        from mpu_janitor.pacing import Cancelled
+
+        if self.stopping and not finish:
+            raise Cancelled()
+        while True:
+            self.sent += 1
+            self.finishing += finish
+            try:
+                return request()
+            except Throttled:
+                continue
+
+
+def test_every_request_of_a_listing_and_a_verification_goes_through_pace(
+    lilt: FakeLilt, inventory: Path, store: LiltStore
+) -> None:
+    upload = start_upload(lilt, inventory, "a.bin", size=1)
+    pace = RecordingPace()
+    lilt.throttle(1)  # the first request is throttled: retried alone
+
+    pages = list(store.list_uploads(CONTAINER, [], pace))
+    assert [u.upload_id for page in pages for u in page.uploads] == [upload.upload_id]
+    store.abort(upload)
+    with pytest.raises(UploadGone):
+        store.measure(upload, pace)  # the verifying repeat of the cancel
+
+    sent_by_store = [r for r in lilt.requests if r.method == "GET" or r.status != 200]
+    assert pace.sent == len(sent_by_store) == 3  # throttled GET, GET, verifying DELETE
+    assert pace.finishing == 1  # the verification goes out even during a stop
+
+
+def test_a_stopping_sweep_sends_no_listing_request(
+    lilt: FakeLilt, inventory: Path, store: LiltStore
+) -> None:
+    from mpu_janitor.pacing import Cancelled
+
+    start_upload(lilt, inventory, "a.bin")
+    pace = RecordingPace()
+    pace.stopping = True
+    with pytest.raises(Cancelled):
+        list(store.list_uploads(CONTAINER, [], pace))
+    assert lilt.requests == []
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness: LILT's pending uploads against the inventory
+
+
+def test_pending_uploads_the_inventory_never_recorded_are_reported(
+    lilt: FakeLilt, inventory: Path
+) -> None:
+    recorded = start_upload(lilt, inventory, "recorded.zip", age=timedelta(hours=5), size=1)
+    lilt.initiate("unrecorded-1.zip", 10, age=timedelta(hours=5))
+    lilt.initiate("unrecorded-2.zip", 10, age=timedelta(days=9))
+    lilt.initiate("just-initiated.zip", 10)  # its uploader may be recording it right now
+    policy = lilt_policy(lilt, inventory)
+    store = open_store(policy.store, StoreCredentials(api_key=lilt.api_key))
+
+    result = run_sweep(policy, store, locks=TargetLocks())
+    store.close()
+
+    (issue,) = result.issues
+    assert issue.reason == "UnrecordedUploads"
+    assert issue.message.startswith("LILT lists 2 pending upload(s)")
+    assert "unrecorded-2.zip" in issue.message and "lilt-record" in issue.message
+    assert lilt.is_pending(recorded.upload_id)  # young: kept, and counted as recorded
+
+
+def test_an_inventory_that_records_every_upload_reports_nothing(
+    lilt: FakeLilt, inventory: Path
+) -> None:
+    for n in range(3):
+        start_upload(lilt, inventory, "same-name.zip", age=timedelta(hours=n + 1))
+    record_upload(inventory, "elsewhere", "uploads/x", filename="other.zip")  # not on LILT
+    policy = lilt_policy(lilt, inventory)
+    store = open_store(policy.store, StoreCredentials(api_key=lilt.api_key))
+
+    result = run_sweep(policy, store, locks=TargetLocks())
+    store.close()
+
+    assert result.issues == []
+
+
+# --------------------------------------------------------------------------------------------
+# quietPeriod: part times recorded by the uploader
+
+
+def test_recorded_part_times_keep_active_uploads(lilt: FakeLilt, inventory: Path) -> None:
+    old = timedelta(days=3)
+    active = start_upload(lilt, inventory, "active.zip", age=old, size=1)
+    quiet = start_upload(lilt, inventory, "quiet.zip", age=old, size=2)
+    unknown = start_upload(lilt, inventory, "unknown.zip", age=old, size=4)
+    record_part(inventory, active.upload_id, at=lilt.now() - timedelta(hours=5))
+    record_part(inventory, active.upload_id, at=lilt.now() - timedelta(minutes=10))
+    record_part(inventory, quiet.upload_id, at=lilt.now() - timedelta(hours=2))
+    policy = lilt_policy(lilt, inventory)  # quietPeriod: the default hour
+    store = open_store(policy.store, StoreCredentials(api_key=lilt.api_key))
+
+    measured = store.measure(active)
+    assert measured.newest_part is not None
+    assert abs(measured.newest_part - (lilt.now() - timedelta(minutes=10))) < timedelta(seconds=2)
+    assert store.measure(unknown).newest_part is None  # no part time: activity unknown
+    result = run_sweep(policy, store, locks=TargetLocks())
+    store.close()
+
+    assert (result.total("skipped_active"), result.total("aborted")) == (1, 2)
+    assert lilt.is_pending(active.upload_id)
+    assert not lilt.is_pending(quiet.upload_id) and not lilt.is_pending(unknown.upload_id)
+    assert [r["uploadId"] for r in records(inventory) if "key" in r] == [active.upload_id]
+    # Pruning drops the part times of pruned uploads and keeps the others' newest.
+    assert {r["uploadId"] for r in records(inventory)} == {active.upload_id}
+
+
+def test_uploaders_record_part_times_with_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    inventory_file = tmp_path / "inventory.jsonl"
+    script = Path(sys.executable).parent / "mpu-janitor"
+    base = [str(script), "lilt-record", "--inventory", str(inventory_file), "--upload-id", "u-1"]
+    for extra in (
+        ["--key", "uploads/a.bin"],
+        ["--part-time"],
+        ["--part-time", "2025-03-01T10:00:00Z"],
+    ):
+        done = subprocess.run(base + extra, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in inventory_file.read_text().splitlines()]
+    assert [sorted(line) for line in lines] == [
+        ["initiated", "key", "uploadId"],
+        ["partAt", "uploadId"],
+        ["partAt", "uploadId"],
+    ]
+    assert lines[2]["partAt"] == "2025-03-01T10:00:00.000Z"
+    bad = subprocess.run(
+        [*base, "--part-time", "yesterday"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "--part-time" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run(base, capture_output=True, text=True, check=False)
+    assert missing.returncode == 2 and "--key" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "filename", ["a+b.zip", "q&a=1.zip", "50% #1?.zip", "überall ünïcode.zip", "tab\there.zip"]
+)
+def test_keys_with_reserved_characters_cancel_the_right_upload(
+    lilt: FakeLilt, inventory: Path, store: LiltStore, filename: str
+) -> None:
+    upload = start_upload(lilt, inventory, filename)
+    other = start_upload(lilt, inventory, filename.replace(".zip", ".other.zip"))
+    listed(store)
+    store.abort(upload)
+    assert not lilt.is_pending(upload.upload_id)
+    assert lilt.is_pending(other.upload_id)
+    assert lilt.requests[-1].query == {"s3Key": [upload.key]}

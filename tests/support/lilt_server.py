@@ -12,9 +12,25 @@ Every call requires HTTP Basic auth with the API key as user and password (401 o
 Any ``key`` query parameter is refused with 400: in the documented examples it carries the API
 key and the S3 key both, and a client that sends it is doing something wrong. Responses carry
 a Date header from the server's clock (:attr:`FakeLilt.clock_offset`; :attr:`FakeLilt.send_date`
-False leaves it out). :meth:`FakeLilt.throttle` answers the next N requests 429 with
-``Retry-After: 60``; :attr:`FakeLilt.repeat_cancel_status` sets what a repeated cancel answers.
-Every request is recorded (:attr:`FakeLilt.requests`).
+False leaves it out). Every request is recorded (:attr:`FakeLilt.requests`), raw query included.
+
+Query strings are decoded as RFC 3986 percent-encoding (``%20`` is a space, ``+`` is a plus),
+the encoding LILT's generated client uses: a key sent with ``+`` for its spaces names another
+upload.
+
+LILT documents only the 200 ``{success: true}`` answer of a cancel and a generic error; what it
+answers in every other case is unknown. Each open behaviour is a switch, so the store's tests
+can run under every plausible answer:
+
+* :attr:`FakeLilt.first_cancel`: the answer to a cancel of a pending upload. ``"200"`` cancels
+  it; ``"200-false"`` (``200 {success: false}``), ``"404"`` (the upload is not visible to this
+  key), ``"400"`` and ``"500"`` leave it pending.
+* :attr:`FakeLilt.repeat_cancel`: the answer to a cancel of an upload already cancelled:
+  ``"404"`` (S3's NoSuchUpload), ``"200"`` (an idempotent cancel), ``"200-false"``, ``"400"``,
+  ``"500"``.
+* :meth:`FakeLilt.throttle` answers the next N requests with the quota answer,
+  :attr:`FakeLilt.quota_status`: ``429`` with ``Retry-After: 60`` (the default), or ``403`` or
+  ``503`` with quota wording and no Retry-After.
 """
 
 from __future__ import annotations
@@ -27,13 +43,15 @@ import secrets
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from tests.support.fake_http import FakeHTTPService
 
 _CANCEL_PREFIX = "/v2/upload/s3/multipart/"
+CANCEL_ANSWERS = ("200", "200-false", "404", "400", "500")
+QUOTA_STATUSES = (429, 403, 503)
 
 
 @dataclass
@@ -54,6 +72,7 @@ class Received:
     query: dict[str, list[str]]
     headers: dict[str, str]
     status: int
+    raw_query: str = ""
 
 
 class FakeLilt(FakeHTTPService):
@@ -65,7 +84,9 @@ class FakeLilt(FakeHTTPService):
         self.api_key = api_key
         super().__init__()
         self.send_date = True
-        self.repeat_cancel_status = 404  # S3 semantics; 200 models an idempotent cancel
+        self.first_cancel = "200"  # see CANCEL_ANSWERS
+        self.repeat_cancel = "404"  # S3 semantics; "200" models an idempotent cancel
+        self.quota_status = 429
         self._uploads: dict[str, FakeLiltUpload] = {}
         self._ids = itertools.count(1)
         self._throttle_left = 0
@@ -74,14 +95,17 @@ class FakeLilt(FakeHTTPService):
 
     # -- fixtures and switches -------------------------------------------------------------------
 
-    def initiate(self, filename: str, size: int | None = None) -> tuple[str, str]:
-        """What ``POST /v2/upload/s3/multipart`` does: returns (uploadId, key)."""
+    def initiate(
+        self, filename: str, size: int | None = None, *, age: timedelta = timedelta(0)
+    ) -> tuple[str, str]:
+        """What ``POST /v2/upload/s3/multipart`` does: returns (uploadId, key). ``age``
+        backdates the upload's ``created_at``."""
         with self._lock:
             numeric = next(self._ids)
             upload_id = secrets.token_urlsafe(48)
             key = f"uploads/{numeric}/{secrets.token_hex(8)}/{filename}"
             self._uploads[upload_id] = FakeLiltUpload(
-                upload_id, key, numeric, filename, size, self.now()
+                upload_id, key, numeric, filename, size, self.now() - age
             )
         return upload_id, key
 
@@ -115,7 +139,7 @@ class FakeLilt(FakeHTTPService):
     ) -> tuple[int, Any, dict[str, str]]:
         split = urllib.parse.urlsplit(raw_path)
         path = urllib.parse.unquote(split.path)
-        query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+        query = parse_query(split.query)
         if "key" in query:
             return 400, {"message": "the key query parameter is not accepted here"}, {}
         if not self._authorized(headers.get("authorization", "")):
@@ -123,10 +147,19 @@ class FakeLilt(FakeHTTPService):
         with self._lock:
             if self._throttle_left > 0:
                 self._throttle_left -= 1
-                return 429, {"message": "Too many requests"}, {"Retry-After": "60"}
+                if self.quota_status == 429:
+                    return 429, {"message": "Too many requests"}, {"Retry-After": "60"}
+                return (
+                    self.quota_status,
+                    {"message": "API quota exceeded: 4000 requests per minute"},
+                    {},
+                )
         if method == "POST" and path.rstrip("/") == "/v2/upload/s3/multipart":
             return self._initiate(body)
         if method == "GET" and path.rstrip("/") == "/v2/upload":
+            ids = [part for value in query.get("ids", []) for part in value.split(",") if part]
+            if not all(part.isdigit() and int(part) > 0 for part in ids):
+                return 400, {"message": "ids must be positive integers"}, {}
             return 200, self._pending(query), {}
         if method == "DELETE" and path.startswith(_CANCEL_PREFIX):
             return self._cancel(path[len(_CANCEL_PREFIX) :], query)
@@ -176,21 +209,36 @@ class FakeLilt(FakeHTTPService):
         with self._lock:
             upload = self._uploads.get(upload_id)
             if upload is None or upload.key != s3_key:
-                return 404, {"message": "The specified upload does not exist."}, {}
+                return _cancel_answer("404")
             if upload.cancelled:
-                if self.repeat_cancel_status == 200:
-                    return (
-                        200,
-                        {"success": True, "message": "Multipart upload cancelled successfully"},
-                        {},
-                    )
-                return 404, {"message": "The specified upload does not exist."}, {}
-            upload.cancelled = True
-        return 200, {"success": True, "message": "Multipart upload cancelled successfully"}, {}
+                return _cancel_answer(self.repeat_cancel)
+            answer = self.first_cancel
+            if answer == "200":
+                upload.cancelled = True
+        return _cancel_answer(answer)
 
     def _record(self, received: Received) -> None:
         with self._lock:
             self._requests.append(received)
+
+
+def parse_query(raw: str) -> dict[str, list[str]]:
+    """RFC 3986 query decoding: ``+`` stays a plus (``parse_qs`` would make it a space)."""
+    return urllib.parse.parse_qs(raw.replace("+", "%2B"), keep_blank_values=True)
+
+
+def _cancel_answer(answer: str) -> tuple[int, Any, dict[str, str]]:
+    if answer == "200":
+        return 200, {"success": True, "message": "Multipart upload cancelled successfully"}, {}
+    if answer == "200-false":
+        return 200, {"success": False, "message": "Multipart upload could not be cancelled"}, {}
+    if answer == "404":
+        return 404, {"message": "The specified upload does not exist."}, {}
+    if answer == "400":
+        return 400, {"message": "Bad request"}, {}
+    if answer == "500":
+        return 500, {"message": "Internal server error."}, {}
+    raise ValueError(f"unknown cancel answer {answer!r}: one of {CANCEL_ANSWERS}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -210,9 +258,10 @@ class _Handler(BaseHTTPRequestHandler):
             Received(
                 self.command,
                 urllib.parse.unquote(split.path),
-                urllib.parse.parse_qs(split.query, keep_blank_values=True),
+                parse_query(split.query),
                 headers,
                 status,
+                split.query,
             )
         )
         data = json.dumps(payload).encode()
