@@ -179,8 +179,9 @@ class LiltApi:
         with self._lock:
             self._clock = (moment, time.monotonic())
 
-    def now(self) -> datetime:
-        """LILT's clock as last seen, advanced by our monotonic clock since; else ours."""
+    def store_clock(self) -> datetime | None:
+        """LILT's clock as last seen, advanced by our monotonic clock since; None when LILT
+        sent no usable Date header (the engine then judges no age: never the local clock)."""
         with self._lock:
             clock = self._clock
             warn = clock is None and not self._warned_no_date
@@ -188,12 +189,16 @@ class LiltApi:
         if clock is None:
             if warn:
                 log.warning(
-                    "LILT at %s sent no Date header: judging ages on the local clock",
+                    "LILT at %s sent no Date header: ages are not judged without its clock",
                     self.endpoint,
                 )
-            return datetime.now(UTC)
+            return None
         seen, at = clock
         return seen + timedelta(seconds=time.monotonic() - at)
+
+    def now(self) -> datetime:
+        """For bookkeeping in the inventory (attempt times): LILT's clock, else ours."""
+        return self.store_clock() or datetime.now(UTC)
 
     # -- requests ------------------------------------------------------------------------------
 

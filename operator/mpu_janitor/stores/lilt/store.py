@@ -313,7 +313,8 @@ class LiltStore:
         with self._lock:
             self._records.append({r.upload_id: r for r in records})
         return UploadPage(
-            [Upload(CONTAINER, r.key, r.upload_id, r.initiated) for r in records], self._api.now()
+            [Upload(CONTAINER, r.key, r.upload_id, r.initiated) for r in records],
+            self._api.store_clock(),
         )
 
     def _note_unrecorded(self, index: _PendingIndex) -> None:
@@ -367,7 +368,7 @@ class LiltStore:
             size_bytes=record.size or 0,
             part_count=0,
             newest_part=record.last_part_at,
-            server_time=self._api.now(),
+            server_time=self._api.store_clock(),
         )
 
     def _verify(self, upload: Upload, answer: CancelAnswer) -> None:
