@@ -216,8 +216,8 @@ class RecentUploads:
 
 
 NO_CLOCK_MESSAGE = (
-    "the store sent no Date header: ages and quiet periods are judged only on the store's "
-    "clock, never ours, so {count} upload(s) were skipped unjudged"
+    "the store answered without a Date header: ages and quiet periods are judged on the "
+    "store's clock only, never on ours, so its uploads were skipped unjudged (skippedNoClock)"
 )
 
 
@@ -266,7 +266,7 @@ class _Sweep:
             first = container not in self.no_clock_reported
             self.no_clock_reported.add(container)
         if first:
-            self.issue("NoStoreClock", NO_CLOCK_MESSAGE.format(count="some"), container)
+            self.issue("NoStoreClock", NO_CLOCK_MESSAGE, container)
 
     # -- every store request of the sweep --------------------------------------------------------
 

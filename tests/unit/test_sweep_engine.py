@@ -405,3 +405,28 @@ def test_without_a_date_header_no_age_is_judged() -> None:
     assert result.total("eligible") == 0
     assert result.issues and "Date" in result.issues[0].message
     assert result.issues[0].reason == "NoStoreClock"
+
+
+def test_during_a_stop_a_throttled_verify_waits_briefly_and_still_goes_out() -> None:
+    from mpu_janitor.pacing import STOPPING_WAIT_SECONDS, Pacer
+    from mpu_janitor.stores.base import Throttled
+
+    waits: list[float] = []
+
+    class RecordingPacer(Pacer):
+        def sleep(self, seconds: float, *, cancellable: bool = True) -> None:
+            assert not cancellable
+            waits.append(seconds)
+
+    stop = threading.Event()
+    stop.set()
+    answers: list[Any] = [Throttled("quota", retry_after=300), Throttled("quota"), "parts"]
+
+    def request() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert RecordingPacer(100, cancel=stop).send(request, finish=True) == "parts"
+    assert len(waits) == 2 and max(waits) <= STOPPING_WAIT_SECONDS == 5
