@@ -430,3 +430,28 @@ def test_during_a_stop_a_throttled_verify_waits_briefly_and_still_goes_out() -> 
 
     assert RecordingPacer(100, cancel=stop).send(request, finish=True) == "parts"
     assert len(waits) == 2 and max(waits) <= STOPPING_WAIT_SECONDS == 5
+
+
+def test_list_and_sweep_judge_every_upload_alike() -> None:
+    from mpu_janitor.sweep import inventory
+
+    def mixed() -> FakeStore:
+        store = FakeStore()
+        store.add("young", age=2 * H)
+        store.add("active", age=48 * H, last_part_age=timedelta(minutes=5))
+        store.add("quiet", age=48 * H, last_part_age=3 * H)
+        store.add("no-parts", age=48 * H, parts=())
+        store.add("just-old", age=24 * H + timedelta(seconds=1))
+        return store
+
+    listed = {item.upload.key: item for item in inventory(policy(), mixed())}
+    assert {k for k, i in listed.items() if i.eligible} == {"quiet", "no-parts", "just-old"}
+    assert {k for k, i in listed.items() if i.active} == {"active"}
+    store = mixed()
+    result = run_sweep(policy(), store)
+    assert {u.upload.key for u in store.uploads.values()} == {"young", "active"}
+    assert result.total("skipped_active") == 1
+    # Without the store's clock, neither judges anything.
+    unclocked = FakeStore(no_date=True)
+    unclocked.add("old", age=48 * H)
+    assert [item.eligible for item in inventory(policy(), unclocked)] == [False]
