@@ -1,18 +1,22 @@
 """The command line: one sweep or an inventory of a policy file, or the operator itself.
 
 Exit codes: 0 success, 1 the sweep had failures (or could not reach the store), 2 bad input
-(with a message that names the field), 130 interrupted.
+(with a message that names the field), 130 stopped by SIGINT or SIGTERM (the summary of what
+was done is printed first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import select
+import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import TextIO
 
@@ -32,6 +36,7 @@ from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def human_bytes(count: float) -> str:
@@ -143,11 +148,75 @@ def print_sweep(result: SweepResult, out: TextIO) -> None:
         f"{summary['eligible']} eligible ({human_bytes(summary['eligibleBytes'])}), "
         f"{summary['aborted']} aborted, {human_bytes(summary['freedBytes'])} freed, "
         f"{summary['skippedActive']} active, {summary['alreadyGone']} already gone, "
-        f"{summary['failed']} failed in {result.duration_seconds:.1f}s\n"
+        f"{summary['failed']} failed in {result.duration_seconds:.1f}s"
+        + (" (stopped before the end)" if result.cancelled else "")
+        + "\n"
     )
     for issue in result.issues:
         where = f" [{issue.container}]" if issue.container else ""
         out.write(f"error{where}: {issue.reason}: {issue.message}\n")
+
+
+class SignalledEvent(threading.Event):
+    """A cancel event that any thread sees set the moment a stop signal arrives.
+
+    Python runs signal handlers on the main thread only once it holds the GIL, which with 64
+    busy workers can take tens of milliseconds: enough for workers to pick up new uploads and
+    abort them after the signal. The interpreter's C-level handler writes to the wakeup pipe
+    at once, whatever thread the signal lands on; ``is_set`` (checked before every request)
+    looks at that pipe."""
+
+    def __init__(self, wakeup: int = -1) -> None:
+        super().__init__()
+        self.wakeup = wakeup
+
+    def is_set(self) -> bool:
+        if super().is_set():
+            return True
+        wakeup = self.wakeup
+        if wakeup >= 0 and select.select([wakeup], [], [], 0)[0]:
+            self.set()
+            return True
+        return False
+
+
+@contextlib.contextmanager
+def stop_on_signals(err: TextIO) -> Iterator[tuple[SignalledEvent, list[int]]]:
+    """SIGINT (Ctrl-C) and SIGTERM set the yielded cancel event at once: the sweep then sends
+    no new abort, drops what is queued, and still verifies and counts the aborts already sent.
+    A second signal stops at once (KeyboardInterrupt), without the summary. Also yields the
+    signals received. Outside the main thread (no signal reaches Python there) a plain event.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield SignalledEvent(), received
+        return
+
+    def on_signal(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        cancel.set()
+        err.write(
+            f"\n{signal.Signals(signum).name}: stopping; no new abort is sent, the aborts "
+            "already sent are verified and counted (signal again to quit at once)\n"
+        )
+        err.flush()
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    cancel = SignalledEvent(read_end)
+    previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    try:
+        yield cancel, received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        cancel.wakeup = -1
+        os.close(read_end)
+        os.close(write_end)
 
 
 def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -156,11 +225,10 @@ def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         policy = replace(policy, mode=Mode.DRY_RUN)
     store = open_store(policy.store, cli_credentials())
     progress = Progress(err)
-    cancel = threading.Event()
     try:
-        result = run_sweep(policy, store, cancel=cancel, progress=progress)
-    except KeyboardInterrupt:
-        cancel.set()
+        with stop_on_signals(err) as (cancel, stopped):
+            result = run_sweep(policy, store, cancel=cancel, progress=progress)
+    except KeyboardInterrupt:  # a second signal: quit now
         progress.finish()
         err.write("interrupted: uploads aborted so far stay aborted; run again to finish\n")
         return EXIT_INTERRUPTED
@@ -171,6 +239,10 @@ def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(json.dumps(result.summary(), sort_keys=True) + "\n")
     else:
         print_sweep(result, out)
+    out.flush()
+    if stopped:
+        err.write("stopped: the summary above is what was done; run again to finish\n")
+        return EXIT_INTERRUPTED
     return EXIT_OK if result.ok else EXIT_FAILURES
 
 

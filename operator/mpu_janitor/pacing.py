@@ -20,6 +20,9 @@ T = TypeVar("T")
 THROTTLE_RETRIES = 6  # per request, on top of the store client's own retries
 MAX_RETRY_AFTER_SECONDS = 300.0  # a store asking for more is not believed (a bug or an attack)
 MAX_BACKOFF_SECONDS = 30.0
+# A request that must finish during a stop (verifying an abort already sent) is retried with
+# waits of at most this: a stop is prompt even when the store asks for minutes.
+STOPPING_WAIT_SECONDS = 5.0
 
 
 class Cancelled(Exception):
@@ -84,7 +87,12 @@ class Pacer:
                 if attempt == THROTTLE_RETRIES:
                     raise
                 log.info("throttled by the store; slowing down (attempt %d)", attempt + 1)
-                self.throttled(attempt, error.retry_after, cancellable=not finish)
+                self.throttled(
+                    attempt,
+                    error.retry_after,
+                    cancellable=not finish,
+                    cap=STOPPING_WAIT_SECONDS if finish and self.cancel.is_set() else None,
+                )
                 continue
             self.succeeded()
             return value
@@ -96,17 +104,23 @@ class Pacer:
                 self.rate = min(self.configured_rate, self.rate + self.configured_rate / 20)
 
     def throttled(
-        self, attempt: int, retry_after: float | None = None, *, cancellable: bool = True
+        self,
+        attempt: int,
+        retry_after: float | None = None,
+        *,
+        cancellable: bool = True,
+        cap: float | None = None,
     ) -> None:
         """Halve the rate and sleep a jittered exponential backoff, or as long as the store
-        asked (at most ``MAX_RETRY_AFTER_SECONDS``)."""
+        asked (at most ``MAX_RETRY_AFTER_SECONDS``, or ``cap`` if given)."""
         with self._lock:
             self.rate = max(self.floor, self.rate / 2)
             self._tokens = 0.0
             self.throttle_events += 1
         backoff = min(MAX_BACKOFF_SECONDS, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
         asked = min(MAX_RETRY_AFTER_SECONDS, max(0.0, retry_after or 0.0))
-        self.sleep(max(backoff, asked), cancellable=cancellable)
+        wait = max(backoff, asked)
+        self.sleep(wait if cap is None else min(wait, cap), cancellable=cancellable)
 
     def sleep(self, seconds: float, *, cancellable: bool = True) -> None:
         """Wait; a stop order ends a cancellable wait with ``Cancelled``."""

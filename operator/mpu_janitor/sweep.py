@@ -9,6 +9,8 @@ nothing of Kopf or Prometheus: the caller gets one typed SweepResult.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
@@ -19,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from mpu_janitor.pacing import Cancelled, Pacer
-from mpu_janitor.policy import Policy
+from mpu_janitor.policy import MatchSpec, Policy
 from mpu_janitor.stores.base import (
     AbortRefused,
     PartsSummary,
@@ -62,6 +64,19 @@ class BucketStats:
     oldest_age_seconds: float = 0.0  # of the uploads still there (not gone in this sweep)
     listed: bool = False  # the listing completed (gauges are trustworthy)
 
+    def __add__(self, other: BucketStats) -> BucketStats:
+        """Counters added, the oldest age the older of both, ``listed`` only if both were."""
+        added: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            mine, theirs = getattr(self, item.name), getattr(other, item.name)
+            if item.name == "oldest_age_seconds":
+                added[item.name] = max(mine, theirs)
+            elif item.name == "listed":
+                added[item.name] = mine and theirs
+            else:
+                added[item.name] = mine + theirs
+        return BucketStats(**added)
+
 
 @dataclass(frozen=True)
 class SweepIssue:
@@ -83,22 +98,29 @@ class SweepResult:
     errors_by_reason: Counter[str] = field(default_factory=Counter)
     cancelled: bool = False
 
+    @property
+    def totals(self) -> BucketStats:
+        """Every container's counters added up (``oldest_age_seconds``: the oldest of all;
+        ``listed``: every listing completed)."""
+        return sum(self.buckets.values(), BucketStats(listed=True))
+
     def total(self, name: str) -> int:
-        return sum(int(getattr(stats, name)) for stats in self.buckets.values())
+        """One counter added up over every container (``total("aborted")``)."""
+        return int(getattr(self.totals, name))
 
     @property
     def failed(self) -> int:
-        return self.total("failed")
+        return self.totals.failed
 
     @property
     def freed_bytes(self) -> int:
-        return self.total("freed_bytes")
+        return self.totals.freed_bytes
 
     @property
     def remaining_bytes(self) -> int:
         """Bytes still held by incomplete uploads in scope after this sweep."""
-        gone = sum(s.freed_bytes for s in self.buckets.values())
-        return max(0, self.total("incomplete_bytes") - gone)
+        totals = self.totals
+        return max(0, totals.incomplete_bytes - totals.freed_bytes)
 
     @property
     def failures(self) -> list[SweepIssue]:
@@ -130,26 +152,27 @@ class SweepResult:
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary of the CLI and the ``lastSweep`` of the status (camelCase)."""
+        t = self.totals
         out: dict[str, Any] = {
             "policy": f"{self.namespace}/{self.policy}",
             "store": self.store,
             "mode": "DryRun" if self.dry_run else "Abort",
             "startTime": _rfc3339(self.started),
             "completionTime": _rfc3339(self.finished) if self.finished else None,
-            "scanned": self.total("scanned"),
-            "eligible": self.total("eligible"),
-            "eligibleBytes": self.total("eligible_bytes"),
-            "aborted": self.total("aborted"),
-            "skippedActive": self.total("skipped_active"),
-            "skippedNoClock": self.total("skipped_no_clock"),
-            "alreadyGone": self.total("already_gone"),
-            "replaced": self.total("replaced"),
-            "protected": self.total("protected"),
-            "deferred": self.total("deferred"),
+            "scanned": t.scanned,
+            "eligible": t.eligible,
+            "eligibleBytes": t.eligible_bytes,
+            "aborted": t.aborted,
+            "skippedActive": t.skipped_active,
+            "skippedNoClock": t.skipped_no_clock,
+            "alreadyGone": t.already_gone,
+            "replaced": t.replaced,
+            "protected": t.protected,
+            "deferred": t.deferred,
             "failed": self.failed,
             "freedBytes": self.freed_bytes,
-            "incompleteUploads": self.total("incomplete_uploads"),
-            "incompleteBytes": self.total("incomplete_bytes"),
+            "incompleteUploads": t.incomplete_uploads,
+            "incompleteBytes": t.incomplete_bytes,
             "remainingBytes": self.remaining_bytes,
             "reason": self.reason,
             "errors": [
@@ -196,6 +219,30 @@ ProgressCallback = Callable[["SweepResult"], None]
 # --------------------------------------------------------------------------------------------
 
 
+class Verdict(enum.Enum):
+    """What the policy's match says of one measured upload (prefixes and globs aside)."""
+
+    YOUNG = "young"  # younger than olderThan
+    ACTIVE = "active"  # old enough, but a part arrived within the quiet period
+    ELIGIBLE = "eligible"  # old enough and quiet: what an Abort sweep aborts
+    UNJUDGED = "unjudged"  # the store gave no clock to judge on
+
+
+def judge(match: MatchSpec, age: timedelta | None, parts: PartsSummary) -> Verdict:
+    """The one rule for age and quiet period, shared by the sweep and the inventory. Both are
+    judged on the store's clock only: without it (no Date header) nothing is judged."""
+    if age is None:
+        return Verdict.UNJUDGED
+    if age < match.older_than:
+        return Verdict.YOUNG
+    if parts.newest_part is not None:
+        if parts.server_time is None:
+            return Verdict.UNJUDGED
+        if parts.server_time - parts.newest_part < match.quiet_period:
+            return Verdict.ACTIVE
+    return Verdict.ELIGIBLE
+
+
 class RecentUploads:
     """The upload ids a sweep listed most recently, so a repeat is counted (and acted on) once.
 
@@ -225,8 +272,8 @@ class RecentUploads:
 
 
 NO_CLOCK_MESSAGE = (
-    "the store sent no Date header: ages and quiet periods are judged only on the store's "
-    "clock, never ours, so {count} upload(s) were skipped unjudged"
+    "the store answered without a Date header: ages and quiet periods are judged on the "
+    "store's clock only, never on ours, so its uploads were skipped unjudged (skippedNoClock)"
 )
 
 
@@ -255,11 +302,11 @@ class _Sweep:
     def stats(self, container: str) -> BucketStats:
         return self.result.buckets.setdefault(container, BucketStats())
 
-    def add(self, container: str, **deltas: int) -> None:
+    @contextlib.contextmanager
+    def counting(self, container: str) -> Iterator[BucketStats]:
+        """The counters of one container, held under the sweep's lock while written."""
         with self.lock:
-            stats = self.stats(container)
-            for name, delta in deltas.items():
-                setattr(stats, name, getattr(stats, name) + delta)
+            yield self.stats(container)
 
     def issue(self, reason: str, message: str, container: str | None) -> None:
         with self.lock:
@@ -269,13 +316,12 @@ class _Sweep:
 
     def no_clock(self, container: str) -> None:
         """An upload whose age (or quiet period) cannot be judged on the store's clock."""
-        with self.lock:
-            stats = self.stats(container)
+        with self.counting(container) as stats:
             stats.skipped_no_clock += 1
             first = container not in self.no_clock_reported
             self.no_clock_reported.add(container)
         if first:
-            self.issue("NoStoreClock", NO_CLOCK_MESSAGE.format(count="some"), container)
+            self.issue("NoStoreClock", NO_CLOCK_MESSAGE, container)
 
     # -- every store request of the sweep --------------------------------------------------------
 
@@ -299,11 +345,13 @@ class _Sweep:
             with self.lock:
                 self.result.cancelled = True
         except StoreError as error:
-            self.add(container, failed=1)
+            with self.counting(container) as stats:
+                stats.failed += 1
             self.issue(error.reason, f"{upload.key}: {error}", container)
         except Exception as error:  # one bad upload never stops the sweep
             log.exception("unexpected error on an upload in %s", container)
-            self.add(container, failed=1)
+            with self.counting(container) as stats:
+                stats.failed += 1
             self.issue("InternalError", f"{type(error).__name__}: {error}", container)
 
     def _process(self, upload: Upload, age: timedelta) -> None:
@@ -311,42 +359,43 @@ class _Sweep:
         try:
             parts: PartsSummary = self.store.measure(upload, self.pace)
         except UploadGone:
-            self.add(container, already_gone=1)
+            with self.counting(container) as stats:
+                stats.already_gone += 1
             return
-        with self.lock:
-            stats = self.stats(container)
+        with self.counting(container) as stats:
             stats.incomplete_uploads += 1
             stats.incomplete_bytes += parts.size_bytes
         gone = False
         try:
-            gone = self._judge(upload, age, parts)
+            gone = self._act(upload, judge(self.policy.match, age, parts), parts.size_bytes)
         finally:
             if not gone:  # the oldest-age figure is about uploads still there after the sweep
-                with self.lock:
+                with self.counting(container) as stats:
                     stats.oldest_age_seconds = max(stats.oldest_age_seconds, age.total_seconds())
 
-    def _judge(self, upload: Upload, age: timedelta, parts: PartsSummary) -> bool:
-        """Skip, count or abort one measured upload; True once it is verified gone."""
+    def _act(self, upload: Upload, verdict: Verdict, size: int) -> bool:
+        """Count or abort one measured upload by its verdict; True once it is verified gone."""
         container = upload.container
-        match = self.policy.match
-        if age < match.older_than:
+        if verdict is Verdict.YOUNG:
             return False
-        if parts.newest_part is not None:
-            if parts.server_time is None:
-                self.no_clock(container)
-                return False
-            if parts.server_time - parts.newest_part < match.quiet_period:
-                self.add(container, skipped_active=1)
-                return False
-        self.add(container, eligible=1, eligible_bytes=parts.size_bytes)
+        if verdict is Verdict.UNJUDGED:
+            self.no_clock(container)
+            return False
+        if verdict is Verdict.ACTIVE:
+            with self.counting(container) as stats:
+                stats.skipped_active += 1
+            return False
+        with self.counting(container) as stats:
+            stats.eligible += 1
+            stats.eligible_bytes += size
         if self.policy.dry_run:
             return False
-        with self.lock:
+        with self.counting(container) as stats:
             if self.abort_budget <= 0:
-                self.stats(container).deferred += 1
+                stats.deferred += 1
                 return False
             self.abort_budget -= 1
-        return self._abort_and_verify(upload, parts.size_bytes)
+        return self._abort_and_verify(upload, size)
 
     def _abort_and_verify(self, upload: Upload, size: int) -> bool:
         """Abort, then prove it with a parts listing; True once the upload is gone. A stop
@@ -358,16 +407,19 @@ class _Sweep:
             except UploadGone:
                 if attempt == 0:
                     # Gone before our first abort: someone else (or the store) freed it.
-                    self.add(container, already_gone=1)
+                    with self.counting(container) as stats:
+                        stats.already_gone += 1
                     return True
                 # Our earlier abort took effect after its verification listing.
                 self._freed(upload, size)
                 return True
             except UploadReplaced:
-                self.add(container, replaced=1)
+                with self.counting(container) as stats:
+                    stats.replaced += 1
                 return False
             except AbortRefused as refused:
-                self.add(container, protected=1)
+                with self.counting(container) as stats:
+                    stats.protected += 1
                 self.issue(refused.reason, str(refused), container)
                 return False
             try:
@@ -378,7 +430,8 @@ class _Sweep:
             # Parts still listed: a part upload in flight may have landed; abort again.
             log.info("parts still listed after abort of %s; repeating", upload.key)
             self.pacer.sleep(VERIFY_BACKOFF_SECONDS * 2**attempt)
-        self.add(container, failed=1)
+        with self.counting(container) as stats:
+            stats.failed += 1
         self.issue(
             "AbortNotVerified",
             f"{upload.key}: parts still listed after {ABORT_ATTEMPTS} aborts",
@@ -387,7 +440,9 @@ class _Sweep:
         return False
 
     def _freed(self, upload: Upload, size: int) -> None:
-        self.add(upload.container, aborted=1, freed_bytes=size)
+        with self.counting(upload.container) as stats:
+            stats.aborted += 1
+            stats.freed_bytes += size
         try:
             self.store.forget(upload)
         except Exception:  # the upload is gone either way; a stale inventory entry is harmless
@@ -432,9 +487,10 @@ class _Sweep:
                         continue
                     if not self.recent.first_sighting(upload):
                         continue  # a listing repeat: this upload is already counted
-                    self.add(container, scanned=1)
+                    with self.counting(container) as stats:
+                        stats.scanned += 1
                     if page.server_time is None:
-                        self.no_clock(container)
+                        self.no_clock(container)  # Verdict.UNJUDGED, without measuring
                         continue
                     age = page.server_time - upload.initiated
                     while not in_flight.acquire(timeout=0.2):
@@ -518,6 +574,7 @@ class InventoryItem:
     newest_part: datetime | None
     eligible: bool
     active: bool
+    verdict: Verdict
 
 
 def inventory(
@@ -541,15 +598,16 @@ def inventory(
             return None
 
     def item(upload: Upload, age: timedelta | None, parts: PartsSummary) -> InventoryItem:
-        active = (
-            parts.newest_part is not None
-            and parts.server_time is not None
-            and parts.server_time - parts.newest_part < match.quiet_period
-        )
-        judged = age is not None and (parts.newest_part is None or parts.server_time is not None)
-        eligible = judged and age is not None and age >= match.older_than and not active
+        verdict = judge(match, age, parts)
         return InventoryItem(
-            upload, age, parts.size_bytes, parts.part_count, parts.newest_part, eligible, active
+            upload,
+            age,
+            parts.size_bytes,
+            parts.part_count,
+            parts.newest_part,
+            verdict is Verdict.ELIGIBLE,
+            verdict is Verdict.ACTIVE,
+            verdict,
         )
 
     pending: deque[tuple[Upload, timedelta | None, Future[PartsSummary | None]]] = deque()

@@ -333,7 +333,7 @@ def test_identity_and_containers(glacier: FakeGlacier) -> None:
     store = GlacierStore(target, StoreCredentials("k", "s"), Requests())
     assert store.kind == "Glacier"
     assert store.containers() == ["a", "b"]
-    # a vault is its region and name: the account's spelling (id or "-") is left out
+    # A vault is its region and name: the account spelling ("-" or the id) is left out.
     assert store.target_id == "glacier:aws:eu-west-1"
     assert make_store(glacier).target_id == f"glacier:{glacier.url}"
 

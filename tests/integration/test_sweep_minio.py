@@ -15,7 +15,7 @@ import pytest
 
 from mpu_janitor.policy import Mode
 from mpu_janitor.stores import open_store
-from mpu_janitor.stores.base import StoreCredentials, Upload
+from mpu_janitor.stores.base import Pace, StoreCredentials, Upload, unpaced
 from mpu_janitor.sweep import run_sweep
 from tests.integration.helpers import (
     last_json,
@@ -150,13 +150,13 @@ def test_upload_aborted_by_someone_else_counts_as_gone_not_freed(
     store = open_store(policy.store, creds(minio))
     real_measure = store.measure
 
-    def racing_measure(upload: Upload) -> Any:
+    def racing_measure(upload: Upload, pace: Pace = unpaced) -> Any:
         # Another client aborts "theirs" after our listing saw it, before we touch it.
         # (MinIO answers 204 to an abort of an unknown upload id, so only a listing can tell
         # that it was gone before our abort; see the S3 store's notes.)
         if upload.key == "theirs":
             s3.abort_multipart_upload(Bucket=bucket, Key="theirs", UploadId=theirs)
-        return real_measure(upload)
+        return real_measure(upload, pace)
 
     store.measure = racing_measure  # type: ignore[method-assign]
     result = run_sweep(policy, store).summary()

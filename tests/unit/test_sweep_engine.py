@@ -405,3 +405,53 @@ def test_without_a_date_header_no_age_is_judged() -> None:
     assert result.total("eligible") == 0
     assert result.issues and "Date" in result.issues[0].message
     assert result.issues[0].reason == "NoStoreClock"
+
+
+def test_during_a_stop_a_throttled_verify_waits_briefly_and_still_goes_out() -> None:
+    from mpu_janitor.pacing import STOPPING_WAIT_SECONDS, Pacer
+    from mpu_janitor.stores.base import Throttled
+
+    waits: list[float] = []
+
+    class RecordingPacer(Pacer):
+        def sleep(self, seconds: float, *, cancellable: bool = True) -> None:
+            assert not cancellable
+            waits.append(seconds)
+
+    stop = threading.Event()
+    stop.set()
+    answers: list[Any] = [Throttled("quota", retry_after=300), Throttled("quota"), "parts"]
+
+    def request() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert RecordingPacer(100, cancel=stop).send(request, finish=True) == "parts"
+    assert len(waits) == 2 and max(waits) <= STOPPING_WAIT_SECONDS == 5
+
+
+def test_list_and_sweep_judge_every_upload_alike() -> None:
+    from mpu_janitor.sweep import inventory
+
+    def mixed() -> FakeStore:
+        store = FakeStore()
+        store.add("young", age=2 * H)
+        store.add("active", age=48 * H, last_part_age=timedelta(minutes=5))
+        store.add("quiet", age=48 * H, last_part_age=3 * H)
+        store.add("no-parts", age=48 * H, parts=())
+        store.add("just-old", age=24 * H + timedelta(seconds=1))
+        return store
+
+    listed = {item.upload.key: item for item in inventory(policy(), mixed())}
+    assert {k for k, i in listed.items() if i.eligible} == {"quiet", "no-parts", "just-old"}
+    assert {k for k, i in listed.items() if i.active} == {"active"}
+    store = mixed()
+    result = run_sweep(policy(), store)
+    assert {u.upload.key for u in store.uploads.values()} == {"young", "active"}
+    assert result.total("skipped_active") == 1
+    # Without the store's clock, neither judges anything.
+    unclocked = FakeStore(no_date=True)
+    unclocked.add("old", age=48 * H)
+    assert [item.eligible for item in inventory(policy(), unclocked)] == [False]
