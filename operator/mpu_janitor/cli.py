@@ -61,6 +61,8 @@ def load_policy_file(path: str) -> Policy:
         raise PolicyError("-f", f"{path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise PolicyError("-f", f"{path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise PolicyError("-f", f"{path} is nested too deeply to be a policy") from None
     policies = [d for d in documents if not isinstance(d, dict) or d.get("kind", KIND) == KIND]
     if len(policies) != 1:
         raise PolicyError("-f", f"{path} must hold exactly one {KIND}, found {len(policies)}")

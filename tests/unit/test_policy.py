@@ -156,6 +156,7 @@ def test_tencent_cos_bucket_needs_appid_suffix() -> None:
         "store.s3",
         {
             "endpoint": "https://cos.ap-guangzhou.myqcloud.com",
+            "region": "ap-guangzhou",
             "profile": "TencentCOS",
             "buckets": ["uploads"],
         },

@@ -19,6 +19,16 @@ class S3Profile:
     directory_buckets: bool
     bucket_suffix_regex: str | None = None
     self_expiry: str | None = None
+    # Policy rules (read by mpu_janitor/policy.py; see the header of profiles.yaml).
+    requires_endpoint: bool = False
+    endpoint_domains: tuple[str, ...] = ()
+    endpoint_host: str | None = None
+    endpoint_example: str | None = None
+    no_expected_bucket_owner: str | None = None
+    no_request_payer: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoint_domains", tuple(self.endpoint_domains))
 
     def bucket_name_problem(self, bucket: str) -> str | None:
         """Why this provider would reject the bucket name, or None."""
