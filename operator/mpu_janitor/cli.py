@@ -27,7 +27,7 @@ from mpu_janitor.policy import (
     PolicyError,
     parse_policy,
 )
-from mpu_janitor.stores import open_store
+from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
 
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args, sys.stdout, sys.stderr)
         return code
-    except PolicyError as error:
+    except (PolicyError, UnusableTarget) as error:
         sys.stderr.write(f"error: invalid policy: {error}\n")
         return EXIT_BAD_INPUT
     except StoreError as error:

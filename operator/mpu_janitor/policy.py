@@ -35,12 +35,15 @@ _ACCOUNT_RE = re.compile(r"-|[0-9]{12}")
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 # A region is one host label, as botocore requires (and not all digits, which it refuses too).
 _REGION_RE = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
-# http(s)://host[:port][/path]: a DNS name or a bracketed IPv6 address, no user:password@, no
-# query or fragment, only URL-safe ASCII. The CRD carries the same pattern.
+# http(s)://host[:port][/path]: a DNS name (dot-separated labels of 1-63 letters, digits and
+# inner hyphens, as botocore requires) or a bracketed IPv6 address, no user:password@, no query
+# or fragment, only URL-safe ASCII. The CRD carries the same pattern.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 ENDPOINT_PATTERN = (
-    r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?"
+    rf"https?://(\[[0-9A-Fa-f:.]+\]|{_LABEL}(\.{_LABEL})*)(:[0-9]{{1,5}})?"
     r"(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?"
 )
+MAX_HOST_LENGTH = 253
 _ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
 
 
@@ -411,6 +414,8 @@ def _endpoint(fields: _Fields, name: str) -> str | None:
         host, port = host + "]", rest.removeprefix(":")
     else:
         host, _, port = authority.partition(":")
+    if len(host) > MAX_HOST_LENGTH:
+        raise PolicyError(where, f"the host name is longer than {MAX_HOST_LENGTH} characters")
     if port and not 0 < int(port) <= 65535:
         raise PolicyError(where, f"port {port} is not between 1 and 65535")
     if host.startswith("["):

@@ -261,6 +261,16 @@ CORPUS: list[Hostile] = [
         spoil("spec.store.s3.endpoint", "http://[1:2:3:4:5:6:7:8:9]:9000"),
     ),
     Hostile(
+        "endpoint-empty-label",
+        "spec.store.s3.endpoint",
+        spoil("spec.store.s3.endpoint", "http://minio..storage:9000"),
+    ),
+    Hostile(
+        "endpoint-label-64",
+        "spec.store.s3.endpoint",
+        spoil("spec.store.s3.endpoint", "http://" + "a" * 64 + ".example"),
+    ),
+    Hostile(
         "bucket-newline", "spec.store.s3.buckets[0]", spoil("spec.store.s3.buckets", ["uploads\n"])
     ),
     Hostile(

@@ -612,6 +612,11 @@ ENDPOINTS = {
     "http://minio:9000/a b": False,
     "http://minio:9000/\n": False,
     "http://-minio": False,
+    "http://a..b": False,
+    "http://a.-b": False,
+    "http://minio.": False,
+    "http://" + "a" * 64 + ".example": False,
+    "http://" + "a" * 63 + ".example": True,
     "http://": False,
 }
 
@@ -630,7 +635,13 @@ def test_endpoint_pattern_agrees_with_the_model(schema: dict[str, Any]) -> None:
         assert by_model == usable, endpoint
         assert re2_search(pattern, endpoint) == usable, endpoint
     # What the pattern cannot say, the model still refuses, naming the field.
-    for stricter in ("http://minio:99999", "http://minio:0", "http://[1:2:3:4:5:6:7:8:9]"):
+    long_host = ".".join(["a" * 63] * 4)  # 255 characters of valid labels
+    for stricter in (
+        "http://minio:99999",
+        "http://minio:0",
+        "http://[1:2:3:4:5:6:7:8:9]",
+        f"http://{long_host}",
+    ):
         assert re2_search(pattern, stricter)
         with pytest.raises(PolicyError) as caught:
             parse_policy(with_value(S3_DOC, "spec.store.s3.endpoint", stricter))
