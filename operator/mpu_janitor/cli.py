@@ -31,7 +31,7 @@ from mpu_janitor.policy import (
     PolicyError,
     parse_policy,
 )
-from mpu_janitor.stores import open_store
+from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
 
@@ -68,6 +68,8 @@ def load_policy_file(path: str) -> Policy:
         raise PolicyError("-f", f"{path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise PolicyError("-f", f"{path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise PolicyError("-f", f"{path} is nested too deeply to be a policy") from None
     policies = [d for d in documents if not isinstance(d, dict) or d.get("kind", KIND) == KIND]
     if len(policies) != 1:
         raise PolicyError("-f", f"{path} must hold exactly one {KIND}, found {len(policies)}")
@@ -425,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args, sys.stdout, sys.stderr)
         return code
-    except PolicyError as error:
+    except (PolicyError, UnusableTarget) as error:
         sys.stderr.write(f"error: invalid policy: {error}\n")
         return EXIT_BAD_INPUT
     except StoreError as error:

@@ -27,7 +27,7 @@ from mpu_janitor.kube import KubeClient, KubeError, NotFound
 from mpu_janitor.metrics import MetricsState
 from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, Policy, PolicyError, parse_spec
 from mpu_janitor.status import problem_status, sweep_message, sweep_status
-from mpu_janitor.stores import open_store
+from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import StoreCredentials
 from mpu_janitor.sweep import NOTICE_REASONS, SweepResult, TargetLocks, run_sweep
 
@@ -249,7 +249,13 @@ class Scheduler:
             self._reschedule(entry, RETRY_AFTER_PROBLEM)
             log.warning("reading credentials of %s/%s failed: %s", *entry.key, error)
             return
-        result = await self._run_sweep(entry, policy, credentials)
+        try:
+            result = await self._run_sweep(entry, policy, credentials)
+        except UnusableTarget as error:  # the store's client refused a value of the spec
+            entry.policy, entry.due = None, None
+            entry.error = PolicyError(error.field, error.message)
+            await self._problem(entry, "InvalidSpec", str(error))
+            return
         if entry.deleted:
             return
         if result.cancelled:

@@ -433,6 +433,48 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "should match",
     ),
     (
+        "older-than-past-100-years",
+        _set(BASE, "spec.match.olderThan", "99999999999d"),
+        "spec.match.olderThan",
+        "at most 100 years",
+    ),
+    (
+        "interval-past-100-years",
+        _set(BASE, "spec.schedule", {"interval": "5300w"}),
+        "spec.schedule.interval",
+        "at most 100 years",
+    ),
+    (
+        "region-with-spaces",
+        _set(BASE, "spec.store.s3.region", "us east 1"),
+        "spec.store.s3.region",
+        "should match",
+    ),
+    (
+        "endpoint-with-credentials",
+        _set(BASE, "spec.store.s3.endpoint", "https://user:password@minio.storage:9000"),
+        "spec.store.s3.endpoint",
+        "should match",
+    ),
+    (
+        "endpoint-open-ipv6",
+        _set(BASE, "spec.store.s3.endpoint", "http://[::1"),
+        "spec.store.s3.endpoint",
+        "should match",
+    ),
+    (
+        "too-many-prefixes",
+        _set(BASE, "spec.match.prefixes", [f"p{i}/" for i in range(1001)]),
+        "spec.match.prefixes",
+        "must have at most 1000 items",
+    ),
+    (
+        "prefix-too-long",
+        _set(BASE, "spec.match.prefixes", ["p" * 1025]),
+        "spec.match.prefixes[0]",
+        "Too long",
+    ),
+    (
         "duplicate-buckets",
         _set(BASE, "spec.store.s3.buckets", ["uploads", "uploads"]),
         "spec.store.s3.buckets[1]",
@@ -510,6 +552,27 @@ VALID: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("lilt", policy(store={"type": "LILT", "lilt": {"inventoryPath": LILT_INVENTORY}})),
+    (
+        "tencent-cos",
+        policy(
+            store={
+                "type": "S3",
+                "s3": {
+                    "endpoint": "https://cos.ap-guangzhou.myqcloud.com",
+                    "region": "ap-guangzhou",
+                    "buckets": ["uploads-1250000000"],
+                },
+            }
+        ),
+    ),
+    (
+        "longest-durations",
+        policy(
+            match={"olderThan": "36500d", "quietPeriod": "5214w2d"},
+            schedule={"interval": "3153600000s"},
+        ),
+    ),
+    ("ipv6-endpoint", _set(BASE, "spec.store.s3.endpoint", "http://[fd00::1]:9000/base")),
     (
         "full",
         policy(

@@ -215,7 +215,10 @@ def test_cel_rules_name_the_field(schema: dict[str, Any]) -> None:
     assert set(rules) == {
         "spec.store",
         "spec.store.s3",
+        "spec.store.s3.region",
+        "spec.store.glacier.region",
         "spec.match.olderThan",
+        "spec.match.quietPeriod",
         "spec.schedule.interval",
         "spec.limits.requestsPerSecond",
     }
@@ -247,6 +250,13 @@ S3_DOC = {
         "match": {"olderThan": "7d"},
         "schedule": {"interval": "1h"},
         "limits": {"concurrency": 4},
+    },
+}
+AWS_DOC = {
+    **S3_DOC,
+    "spec": {
+        "store": {"type": "S3", "s3": {"buckets": ["uploads"], "region": "eu-west-1"}},
+        "match": {"olderThan": "7d"},
     },
 }
 GLACIER_DOC = {
@@ -440,11 +450,242 @@ def test_string_patterns_agree_with_the_model(
     schema: dict[str, Any], dotted: str, good: str, bad: str
 ) -> None:
     pattern = node(schema, dotted)["pattern"]
-    parse_policy(with_value(S3_DOC, dotted, good))
+    document = AWS_DOC if dotted.endswith("expectedBucketOwner") else S3_DOC
+    parse_policy(with_value(document, dotted, good))
     assert re.search(pattern, good)
     with pytest.raises(PolicyError):
-        parse_policy(with_value(S3_DOC, dotted, bad))
+        parse_policy(with_value(document, dotted, bad))
     assert not re.search(pattern, bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds: every value the schema accepts is one the model can use (or refuses, naming the field)
+
+
+def spec_nodes(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    return ((path, each) for path, each in walk(node(schema, "spec"), "spec"))
+
+
+def test_every_spec_string_and_list_is_bounded(schema: dict[str, Any]) -> None:
+    unbounded = [
+        path
+        for path, each in spec_nodes(schema)
+        if (each["type"] == "string" and "maxLength" not in each and "enum" not in each)
+        or (each["type"] == "array" and "maxItems" not in each)
+    ]
+    assert unbounded == []
+
+
+LIST_BOUNDS = [
+    ("spec.store.s3.buckets", S3_DOC, lambda i: f"bucket-{i:04d}"),
+    ("spec.store.glacier.vaults", GLACIER_DOC, lambda i: f"v{i}"),
+    ("spec.match.prefixes", S3_DOC, lambda i: f"p{i}/"),
+    ("spec.match.excludeKeyGlobs", S3_DOC, lambda i: f"*.k{i}"),
+]
+
+
+@pytest.mark.parametrize(("dotted", "document", "item"), LIST_BOUNDS)
+def test_list_bounds_match_the_model(
+    schema: dict[str, Any], dotted: str, document: dict[str, Any], item: Any
+) -> None:
+    assert node(schema, dotted)["maxItems"] == model.MAX_LIST_ITEMS
+    validator = jsonschema.Draft7Validator(as_json_schema(schema))
+    full = with_value(document, dotted, [item(i) for i in range(model.MAX_LIST_ITEMS)])
+    parse_policy(full)
+    assert list(validator.iter_errors(full)) == []
+    over = with_value(document, dotted, [item(i) for i in range(model.MAX_LIST_ITEMS + 1)])
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(over)
+    assert caught.value.field == dotted
+    assert list(validator.iter_errors(over))
+
+
+STRING_BOUNDS = [
+    ("spec.store.s3.endpoint", S3_DOC, model.MAX_ENDPOINT_LENGTH, "https://m/{}"),
+    ("spec.store.glacier.endpoint", GLACIER_DOC, model.MAX_ENDPOINT_LENGTH, "https://m/{}"),
+    ("spec.store.lilt.endpoint", LILT_DOC, model.MAX_ENDPOINT_LENGTH, "https://m/{}"),
+    ("spec.store.lilt.inventoryPath", LILT_DOC, model.MAX_PATH_LENGTH, "/var/{}"),
+    ("spec.store.s3.region", S3_DOC, 63, "r{}"),
+    ("spec.store.glacier.region", GLACIER_DOC, 63, "r{}"),
+    ("spec.store.credentialsSecretRef.name", S3_DOC, model.MAX_NAME_LENGTH, "s{}"),
+    ("spec.match.olderThan", S3_DOC, model.MAX_DURATION_LENGTH, "{}1s"),
+    ("spec.match.quietPeriod", S3_DOC, model.MAX_DURATION_LENGTH, "{}1s"),
+    ("spec.schedule.interval", S3_DOC, model.MAX_DURATION_LENGTH, "{}1h"),
+]
+
+
+@pytest.mark.parametrize(("dotted", "document", "limit", "form"), STRING_BOUNDS)
+def test_string_bounds_match_the_model(
+    schema: dict[str, Any], dotted: str, document: dict[str, Any], limit: int, form: str
+) -> None:
+    assert node(schema, dotted)["maxLength"] == limit
+    filler = "0" if "{}1" in form else "a"
+
+    def sized(length: int) -> str:
+        return form.format(filler * (length - len(form) + 2))
+
+    validator = jsonschema.Draft7Validator(as_json_schema(schema))
+    at_limit = with_value(document, dotted, sized(limit))
+    parse_policy(at_limit)
+    assert list(validator.iter_errors(at_limit)) == []
+    over = with_value(document, dotted, sized(limit + 1))
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(over)
+    assert caught.value.field == dotted
+    assert list(validator.iter_errors(over))
+
+
+@pytest.mark.parametrize(
+    ("dotted", "document", "limit"),
+    [
+        ("spec.match.prefixes", S3_DOC, model.MAX_KEY_BYTES),
+        ("spec.match.excludeKeyGlobs", S3_DOC, model.MAX_GLOB_LENGTH),
+        ("spec.store.s3.buckets", S3_DOC, 63),
+        ("spec.store.glacier.vaults", GLACIER_DOC, 255),
+    ],
+)
+def test_list_item_lengths_match_the_model(
+    schema: dict[str, Any], dotted: str, document: dict[str, Any], limit: int
+) -> None:
+    assert node(schema, dotted)["items"]["maxLength"] == limit
+    validator = jsonschema.Draft7Validator(as_json_schema(schema))
+    parse_policy(with_value(document, dotted, ["a" * limit]))
+    over = with_value(document, dotted, ["a" * (limit + 1)])
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(over)
+    assert caught.value.field == f"{dotted}[0]"
+    assert list(validator.iter_errors(over))
+
+
+def test_bucket_pattern_is_bounded_like_the_model(schema: dict[str, Any]) -> None:
+    field = node(schema, "spec.store.s3.bucketPattern")
+    assert field["maxLength"] == model.MAX_BUCKET_PATTERN_LENGTH
+    pattern_doc = with_value(S3_DOC, "spec.store.s3.buckets", None)
+    parse_policy(with_value(pattern_doc, "spec.store.s3.bucketPattern", "a" * 255))
+    with pytest.raises(PolicyError, match=r"^spec\.store\.s3\.bucketPattern: "):
+        parse_policy(with_value(pattern_doc, "spec.store.s3.bucketPattern", "a" * 256))
+
+
+MAX_SECONDS = int(model.MAX_DURATION.total_seconds())
+
+
+@pytest.mark.parametrize(
+    "dotted", ["spec.match.olderThan", "spec.match.quietPeriod", "spec.schedule.interval"]
+)
+def test_durations_are_capped_at_100_years_in_both(schema: dict[str, Any], dotted: str) -> None:
+    rules = node(schema, dotted).get("x-kubernetes-validations", [])
+    (cap,) = [r for r in rules if "100 years" in r["message"]]
+    assert cap["rule"].endswith(f"<= {MAX_SECONDS}")
+    assert dotted in cap["message"]
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        assert f"'[0-9]+{unit}'" in cap["rule"]
+        assert f"* {size}" in cap["rule"] or size == 1
+    assert MAX_SECONDS == 36500 * 86400
+    assert parse_duration("36500d", dotted) == model.MAX_DURATION
+    assert parse_duration("5214w2d", dotted) == model.MAX_DURATION
+    for text in ("36501d", "36500d1s", "5215w", "99999999999d", "9" * 30 + "s"):
+        with pytest.raises(PolicyError, match="100 years") as caught:
+            parse_duration(text, dotted)
+        assert caught.value.field == dotted
+
+
+def re2_search(pattern: str, text: str) -> bool:
+    """re.search with RE2's meaning of a final ``$`` (the end of the text, never before a
+    trailing newline as in Python)."""
+    if pattern.endswith("$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.search(pattern, text) is not None
+
+
+ENDPOINTS = {
+    "http://minio:9000": True,
+    "https://minio.storage:9000/base/path": True,
+    "http://127.0.0.1:9000": True,
+    "http://[::1]:9000": True,
+    "https://s3.eu-west-1.amazonaws.com": True,
+    "minio:9000": False,
+    "ftp://minio": False,
+    "http://[::1": False,
+    "http://user:password@minio:9000": False,
+    "http://minio:9000?x=1": False,
+    "http://minio:9000#top": False,
+    "http://mínio:9000": False,
+    "http://minio:9000/a b": False,
+    "http://minio:9000/\n": False,
+    "http://-minio": False,
+    "http://a..b": False,
+    "http://a.-b": False,
+    "http://minio.": False,
+    "http://" + "a" * 64 + ".example": False,
+    "http://" + "a" * 63 + ".example": True,
+    "http://": False,
+}
+
+
+def test_endpoint_pattern_agrees_with_the_model(schema: dict[str, Any]) -> None:
+    for dotted in ("spec.store.s3.endpoint", "spec.store.glacier.endpoint"):
+        assert node(schema, dotted)["pattern"] == f"^{model.ENDPOINT_PATTERN}$"
+    pattern = node(schema, "spec.store.s3.endpoint")["pattern"]
+    for endpoint, usable in ENDPOINTS.items():
+        try:
+            parse_policy(with_value(S3_DOC, "spec.store.s3.endpoint", endpoint))
+            by_model = True
+        except PolicyError as error:
+            assert error.field == "spec.store.s3.endpoint", error
+            by_model = False
+        assert by_model == usable, endpoint
+        assert re2_search(pattern, endpoint) == usable, endpoint
+    # What the pattern cannot say, the model still refuses, naming the field.
+    long_host = ".".join(["a" * 63] * 4)  # 255 characters of valid labels
+    for stricter in (
+        "http://minio:99999",
+        "http://minio:0",
+        "http://[1:2:3:4:5:6:7:8:9]",
+        f"http://{long_host}",
+    ):
+        assert re2_search(pattern, stricter)
+        with pytest.raises(PolicyError) as caught:
+            parse_policy(with_value(S3_DOC, "spec.store.s3.endpoint", stricter))
+        assert caught.value.field == "spec.store.s3.endpoint"
+
+
+REGIONS = {
+    "us-east-1": True,
+    "eu-west-1": True,
+    "default": True,
+    "US": True,
+    "a": True,
+    "us east 1": False,
+    "us-east-1\n": False,
+    "-us": False,
+    "us-": False,
+    "us_east_1": False,
+    "\uff55s": False,
+    "12345": False,
+    "a" * 64: False,
+}
+
+
+def test_region_pattern_agrees_with_the_model(schema: dict[str, Any]) -> None:
+    field = node(schema, "spec.store.s3.region")
+    glacier = node(schema, "spec.store.glacier.region")
+    assert (field["pattern"], field["maxLength"]) == (glacier["pattern"], glacier["maxLength"])
+    (digits_rule,) = field["x-kubernetes-validations"]
+    for region, usable in REGIONS.items():
+        try:
+            parse_policy(with_value(S3_DOC, "spec.store.s3.region", region))
+            by_model = True
+        except PolicyError as error:
+            assert error.field == "spec.store.s3.region", error
+            by_model = False
+        assert by_model == usable, region
+        by_schema = (
+            len(region) <= field["maxLength"]
+            and re2_search(field["pattern"], region)
+            and not region.isdigit()
+        )
+        assert by_schema == usable, region
+    assert digits_rule["rule"] == "!self.matches('^[0-9]+$')"
 
 
 def test_schema_rejects_what_the_model_rejects(schema: dict[str, Any]) -> None:

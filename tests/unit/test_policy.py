@@ -156,6 +156,7 @@ def test_tencent_cos_bucket_needs_appid_suffix() -> None:
         "store.s3",
         {
             "endpoint": "https://cos.ap-guangzhou.myqcloud.com",
+            "region": "ap-guangzhou",
             "profile": "TencentCOS",
             "buckets": ["uploads"],
         },
@@ -207,3 +208,185 @@ def test_abort_when_key_has_object_is_a_choice_with_a_profile_default() -> None:
     assert chosen.abort_when_key_has_object == "IfObjectOlder"
     with pytest.raises(PolicyError, match=r"spec\.store\.s3\.abortWhenKeyHasObject"):
         target(abortWhenKeyHasObject="Sometimes")
+
+
+# --------------------------------------------------------------------------------------------
+# Exclusion globs: the user's only protection
+
+
+def excluding(*globs: str) -> Any:
+    return parse_policy(with_spec("match", {"olderThan": "1d", "excludeKeyGlobs": list(globs)}))
+
+
+@pytest.mark.parametrize(
+    ("glob", "protected", "not_protected"),
+    [
+        # A literal [ ] * ? goes in brackets (fnmatch's own escape); the CRD documents it.
+        ("backup[[]*[]]*", ["backup[1]/x", "backup[]"], ["backup1/x", "backup(1)/x"]),
+        ("*[*]", ["a*", "dir/*"], ["a", "a?"]),
+        ("*[?]", ["why?"], ["why", "why!"]),
+        ("logs/[[]2024[]].gz", ["logs/[2024].gz"], ["logs/2.gz", "logs/[2025].gz"]),
+        ("a]b", ["a]b"], ["ab"]),
+        ("[!a]*", ["b", "[x"], ["a", "abc"]),
+        # A backslash is an ordinary character, not an escape.
+        ("dir\\*", ["dir\\x", "dir\\"], ["dir*", "dirx"]),
+        # * crosses /: ** is the same as * (documented).
+        ("tmp/**/keep", ["tmp/a/b/keep", "tmp//keep"], ["tmp/keep", "tmp/a/keep2"]),
+        ("tmp/*/keep", ["tmp/a/b/keep"], ["tmp/keep"]),
+    ],
+)
+def test_globs_match_literal_brackets_stars_and_questions(
+    glob: str, protected: list[str], not_protected: list[str]
+) -> None:
+    match = excluding(glob).match
+    for key in protected:
+        assert not match.matches_key(key), (glob, key)
+    for key in not_protected:
+        assert match.matches_key(key), (glob, key)
+
+
+def test_globs_protect_both_unicode_forms() -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    for glob in (f"{composed}/*", f"{decomposed}/*", "caf?/*"):
+        match = excluding(glob).match
+        for key in (f"{composed}/x", f"{decomposed}/x"):
+            if glob == "caf?/*" and key.startswith(decomposed):
+                continue  # ? is one character: "e\u0301" is two, until normalised
+            assert not match.matches_key(key), (glob, key)
+    # A glob written decomposed protects composed keys and vice versa; unrelated keys are not.
+    assert excluding(f"{decomposed}*").match.matches_key("cafe/x")
+    # ? matches the composed form of a decomposed key too (its NFC is one character).
+    assert not excluding("caf?/x").match.matches_key(f"{decomposed}/x")
+
+
+def test_prefixes_compare_exactly() -> None:
+    """Prefixes only narrow what a policy touches, so they are not normalised: a decomposed
+    key is outside a composed prefix (it is left alone, never wrongly aborted)."""
+    doc = with_spec("match", {"olderThan": "1d", "prefixes": ["caf\u00e9/"]})
+    match = parse_policy(doc).match
+    assert match.matches_key("caf\u00e9/x")
+    assert not match.matches_key("cafe\u0301/x")
+
+
+# --------------------------------------------------------------------------------------------
+# Vendor rules from profile data
+
+
+def s3_spec(**fields: Any) -> dict[str, Any]:
+    return with_spec("store.s3", fields)
+
+
+COS = {"endpoint": "https://cos.ap-guangzhou.myqcloud.com", "buckets": ["uploads-1250000000"]}
+
+
+@pytest.mark.parametrize("profile", ["MinIO", "Ceph", "Scality", "TencentCOS", "Generic"])
+def test_every_non_aws_profile_requires_an_endpoint(profile: str) -> None:
+    bucket = "uploads-1250000000"
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(s3_spec(profile=profile, buckets=[bucket], region="ap-guangzhou"))
+    assert caught.value.field == "spec.store.s3.endpoint"
+    assert "go to AWS" in caught.value.message
+    aws = parse_policy(s3_spec(profile="AWS", buckets=[bucket])).store.s3
+    assert aws is not None and aws.endpoint is None
+
+
+def test_cos_endpoint_without_profile_picks_tencent_cos() -> None:
+    for endpoint in (COS["endpoint"], "https://cos.ap-guangzhou.tencentcos.cn"):
+        target = parse_policy(s3_spec(**COS | {"endpoint": endpoint}, region="ap-guangzhou"))
+        assert target.store.s3 is not None and target.store.s3.profile == "TencentCOS"
+
+
+@pytest.mark.parametrize("profile", ["Generic", "MinIO", "AWS"])
+def test_cos_endpoint_with_another_profile_is_refused_with_a_hint(profile: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(s3_spec(**COS, profile=profile, region="ap-guangzhou"))
+    assert caught.value.field == "spec.store.s3.profile"
+    assert "use profile TencentCOS" in caught.value.message
+
+
+def test_cos_needs_the_region_of_its_service_domain() -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(s3_spec(**COS, profile="TencentCOS"))  # region defaults to us-east-1
+    assert caught.value.field == "spec.store.s3.region"
+    assert "set region: ap-guangzhou" in caught.value.message
+    with pytest.raises(PolicyError, match=r"^spec\.store\.s3\.region: .*ap-guangzhou"):
+        parse_policy(s3_spec(**COS, profile="TencentCOS", region="ap-beijing"))
+    target = parse_policy(s3_spec(**COS, profile="TencentCOS", region="ap-guangzhou")).store.s3
+    assert target is not None and target.region == "ap-guangzhou"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "words"),
+    [
+        ("https://uploads-1250000000.cos.ap-guangzhou.myqcloud.com", "would be doubled"),
+        ("https://UPLOADS-1250000000.cos.ap-guangzhou.myqcloud.com", "would be doubled"),
+        ("https://service.cos.myqcloud.com", "not the region's service domain"),
+        ("https://cos-website.ap-guangzhou.myqcloud.com", "not the region's service domain"),
+    ],
+)
+def test_cos_endpoint_must_be_the_regions_service_domain(endpoint: str, words: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(s3_spec(**COS | {"endpoint": endpoint}, region="ap-guangzhou"))
+    assert caught.value.field == "spec.store.s3.endpoint"
+    assert words in caught.value.message
+    assert "https://cos.<region>.myqcloud.com" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("profile", "field", "value", "why"),
+    [
+        ("Scality", "expectedBucketOwner", "111122223333", "multipart upload calls do not check"),
+        ("TencentCOS", "expectedBucketOwner", "111122223333", "does not document"),
+        ("MinIO", "expectedBucketOwner", "111122223333", "MinIO"),
+        ("Ceph", "expectedBucketOwner", "111122223333", "RGW"),
+        ("Generic", "expectedBucketOwner", "111122223333", "unknown store"),
+        ("Scality", "requestPayer", "Requester", "multipart upload calls do not check"),
+        ("TencentCOS", "requestPayer", "Requester", "does not document"),
+        ("MinIO", "requestPayer", "Requester", "Requester Pays"),
+        ("Generic", "requestPayer", "Requester", "unknown store"),
+    ],
+)
+def test_protections_a_store_does_not_honour_are_refused_saying_why(
+    profile: str, field: str, value: str, why: str
+) -> None:
+    fields: dict[str, Any] = {"endpoint": "https://store.example", "buckets": ["uploads"]}
+    if profile == "TencentCOS":
+        fields = {**COS, "region": "ap-guangzhou"}
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(s3_spec(**fields, profile=profile, **{field: value}))
+    assert caught.value.field == f"spec.store.s3.{field}"
+    assert why in caught.value.message
+
+
+def test_aws_honours_both_and_ceph_honours_request_payer() -> None:
+    aws = parse_policy(
+        s3_spec(buckets=["uploads"], expectedBucketOwner="111122223333", requestPayer="Requester")
+    ).store.s3
+    assert aws is not None and aws.expected_bucket_owner == "111122223333"
+    ceph = parse_policy(
+        s3_spec(
+            endpoint="https://rgw.example",
+            profile="Ceph",
+            buckets=["b-1"],
+            requestPayer="Requester",
+        )
+    ).store.s3
+    assert ceph is not None and ceph.request_payer == "Requester"
+
+
+def test_profile_rules_are_data() -> None:
+    """The model reads flags, never profile names: a profile's rules come from profiles.yaml."""
+    from mpu_janitor.stores.profiles import load_profiles
+
+    profiles = load_profiles()
+    assert [n for n, p in profiles.items() if not p.requires_endpoint] == ["AWS"]
+    assert [n for n, p in profiles.items() if not p.no_expected_bucket_owner] == ["AWS"]
+    assert sorted(n for n, p in profiles.items() if not p.no_request_payer) == ["AWS", "Ceph"]
+    assert [n for n, p in profiles.items() if p.endpoint_domains] == ["TencentCOS"]
+    import inspect
+
+    from mpu_janitor import policy
+
+    source = inspect.getsource(policy)
+    for name in ("MinIO", "Ceph", "Scality", "TencentCOS"):
+        assert source.count(f'"{name}"') <= 1, name  # only in the S3_PROFILES tuple

@@ -27,6 +27,17 @@ class S3Profile:
         """spec.store.s3.abortWhenKeyHasObject when the policy does not say."""
         return "Never" if self.abort_may_delete_object else "Always"
 
+    # Policy rules (read by mpu_janitor/policy.py; see the header of profiles.yaml).
+    requires_endpoint: bool = False
+    endpoint_domains: tuple[str, ...] = ()
+    endpoint_host: str | None = None
+    endpoint_example: str | None = None
+    no_expected_bucket_owner: str | None = None
+    no_request_payer: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoint_domains", tuple(self.endpoint_domains))
+
     def bucket_name_problem(self, bucket: str) -> str | None:
         """Why this provider would reject the bucket name, or None."""
         if self.bucket_suffix_regex and not re.search(self.bucket_suffix_regex, bucket):
