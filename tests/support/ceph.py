@@ -327,4 +327,3 @@ rgw data = {root}/rgw
                 max_pool_connections=32,
             ),
         )
-

@@ -19,6 +19,13 @@ class S3Profile:
     directory_buckets: bool
     bucket_suffix_regex: str | None = None
     self_expiry: str | None = None
+    url_encoding: str = "echoed"
+    list_parts_gone_codes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.url_encoding not in ("echoed", "keys_only"):
+            raise ValueError(f"profile {self.name}: url_encoding {self.url_encoding!r}")
+        object.__setattr__(self, "list_parts_gone_codes", tuple(self.list_parts_gone_codes))
 
     def bucket_name_problem(self, bucket: str) -> str | None:
         """Why this provider would reject the bucket name, or None."""
