@@ -12,7 +12,8 @@ import pytest
 from botocore.stub import Stubber
 
 from mpu_janitor.policy import S3Target
-from mpu_janitor.stores.base import StoreCredentials, StoreError, UploadGone
+from mpu_janitor.stores import s3 as s3_module
+from mpu_janitor.stores.base import StoreCredentials, StoreError, Throttled, UploadGone
 from mpu_janitor.stores.s3 import S3Store
 
 T = TypeVar("T")
@@ -319,3 +320,75 @@ def test_no_such_key_from_list_parts_means_gone_only_where_the_profile_says_so(
     with pytest.raises(StoreError) as raised:
         generic.measure(an_upload())
     assert not isinstance(raised.value, UploadGone)
+
+
+def retrying_pace(sent: list[str]) -> Any:
+    """The engine's contract in small: a Throttled request is sent again, alone."""
+
+    def pace(request: Callable[[], T], *, finish: bool = False) -> T:
+        while True:
+            sent.append("request")
+            try:
+                return request()
+            except Throttled:
+                sent.append("throttled")
+
+    return pace
+
+
+def test_a_throttled_page_is_retried_alone_from_its_own_markers(
+    stubbed: Callable[[str], tuple[S3Store, Stubber]],
+) -> None:
+    store, stub = stubbed("Ceph")
+    expect_list(
+        stub,
+        page(upload("a", "u1"), IsTruncated=True, NextKeyMarker="a", NextUploadIdMarker="u1"),
+    )
+    stub.add_client_error(
+        "list_multipart_uploads",
+        "SlowDown",
+        http_status_code=503,
+        expected_params={
+            "Bucket": "bkt",
+            "MaxUploads": 1000,
+            "EncodingType": "url",
+            "KeyMarker": "a",
+            "UploadIdMarker": "u1",
+        },
+    )
+    expect_list(
+        stub, page(upload("b", "u2"), IsTruncated=False), KeyMarker="a", UploadIdMarker="u1"
+    )
+    sent: list[str] = []
+    keys = [u.key for p in store.list_uploads("bkt", [], retrying_pace(sent)) for u in p.uploads]
+    assert keys == ["a", "b"]  # the first page is not listed again
+    assert sent == ["request", "request", "throttled", "request"]
+    stub.assert_no_pending_responses()
+
+
+def test_a_throttled_parts_page_is_retried_alone(
+    stubbed: Callable[[str], tuple[S3Store, Stubber]],
+) -> None:
+    store, stub = stubbed("Generic")
+    expect_parts(stub, parts_page([1, 2], IsTruncated=True, NextPartNumberMarker=2))
+    stub.add_client_error("list_parts", "SlowDown", http_status_code=503, expected_params=None)
+    expect_parts(stub, parts_page([3], IsTruncated=False), PartNumberMarker=2)
+    sent: list[str] = []
+    summary = store.measure(an_upload(), retrying_pace(sent))
+    assert (summary.size_bytes, summary.part_count) == (60, 3)  # parts 1 and 2 counted once
+    stub.assert_no_pending_responses()
+
+
+def test_endless_empty_truncated_pages_are_an_error(
+    stubbed: Callable[[str], tuple[S3Store, Stubber]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every page names a new marker but lists nothing: stopped after MAX_EMPTY_PAGES.
+    monkeypatch.setattr(s3_module, "MAX_EMPTY_PAGES", 3)
+    store, stub = stubbed("Generic")
+    previous: dict[str, Any] = {}
+    for index in range(4):
+        marker = {"NextKeyMarker": f"k{index}", "NextUploadIdMarker": f"u{index}"}
+        expect_list(stub, page(IsTruncated=True, **marker), **previous)
+        previous = {"KeyMarker": f"k{index}", "UploadIdMarker": f"u{index}"}
+    with pytest.raises(StoreError, match=r"no progress.*4 pages in a row without an upload"):
+        listed(store)
