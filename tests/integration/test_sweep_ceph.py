@@ -339,19 +339,25 @@ def test_ceph_facts_behind_the_profile(cs3: Any, cbucket: str) -> None:
     assert again.value.response["Error"]["Code"] == "NoSuchUpload"
 
 
-def test_no_such_key_on_a_live_upload_is_not_proof_it_is_gone(
+def test_no_such_key_is_proof_of_gone_only_for_the_exact_key(
     ceph: CephCluster, cs3: Any, cbucket: str
 ) -> None:
-    # NoSuchKey means gone only from ListParts on an upload id; an abort of a live upload
-    # under the wrong key is refused, and the upload is still there.
+    # Ceph's ListParts answers NoSuchKey for a live upload asked under another key, so reading
+    # NoSuchKey as "gone" is safe only because the store asks with the exact key it listed
+    # (see the hostile-key tests); an abort under the wrong key is refused (NoSuchUpload).
     live = make_upload(cs3, cbucket, "live", [7])
-    with pytest.raises(botocore.exceptions.ClientError):
+    with pytest.raises(botocore.exceptions.ClientError) as parts:
+        cs3.list_parts(Bucket=cbucket, Key="not-live", UploadId=live)
+    assert parts.value.response["Error"]["Code"] == "NoSuchKey"
+    with pytest.raises(botocore.exceptions.ClientError) as abort:
         cs3.abort_multipart_upload(Bucket=cbucket, Key="not-live", UploadId=live)
+    assert abort.value.response["Error"]["Code"] == "NoSuchUpload"
     store = open_store(to_policy(ceph_doc(ceph, [cbucket])).store, creds(ceph))
     try:
         assert store.measure(Upload(cbucket, "live", live, EPOCH)).size_bytes == 7
     finally:
         store.close()
+    assert open_uploads(cs3, cbucket) == {("live", live)}
 
 
 # -- hostile keys, on MinIO and on Ceph -----------------------------------------------------

@@ -392,3 +392,22 @@ def test_endless_empty_truncated_pages_are_an_error(
         previous = {"KeyMarker": f"k{index}", "UploadIdMarker": f"u{index}"}
     with pytest.raises(StoreError, match=r"no progress.*4 pages in a row without an upload"):
         listed(store)
+
+
+def test_a_store_that_ignores_the_encoding_request_keeps_its_raw_keys(
+    stubbed: Callable[[str], tuple[S3Store, Stubber]],
+) -> None:
+    # No EncodingType in the answer: the keys are raw, and decoding "100%25+done" would name
+    # another key ("100% done").
+    store, stub = stubbed("Generic")
+    expect_list(
+        stub,
+        page(upload("100%25+done", "u1"), IsTruncated=True, NextKeyMarker="100%25+done"),
+    )
+    expect_list(
+        stub,
+        page(upload("a+b", "u2"), IsTruncated=False),
+        KeyMarker="100%25+done",
+        UploadIdMarker="u1",
+    )
+    assert listed(store) == [("100%25+done", "u1"), ("a+b", "u2")]

@@ -203,10 +203,10 @@ class S3Store:
             page = pace(
                 functools.partial(self._send, self.client.list_multipart_uploads, request, bucket)
             )
-            decode_markers = self._markers_encoded(page)
+            decode_keys, decode_markers = self._encoded(page)
             fresh: list[Upload] = []
             for item in page.get("Uploads", []):
-                key = self._decoded(item["Key"], True, bucket)
+                key = self._decoded(item["Key"], decode_keys, bucket)
                 if key != tail_key:
                     tail_key, tail_ids = key, set()
                 elif item["UploadId"] in tail_ids:
@@ -219,7 +219,7 @@ class S3Store:
             if not page.get("IsTruncated"):
                 return  # Next markers without truncation (Ceph) mean nothing
             empty_pages = 0 if fresh else empty_pages + 1
-            marker = self._next_marker(page, directory, decode_markers, bucket)
+            marker = self._next_marker(page, directory, decode_keys, decode_markers, bucket)
             if marker is None or marker in markers_seen or empty_pages > MAX_EMPTY_PAGES:
                 raise StoreError(
                     f"ListMultipartUploads on bucket {bucket!r} made no progress: a truncated "
@@ -236,29 +236,37 @@ class S3Store:
             markers_seen.add(marker)
 
     def _next_marker(
-        self, page: dict[str, Any], directory: bool, decode: bool, bucket: str
+        self,
+        page: dict[str, Any],
+        directory: bool,
+        decode_keys: bool,
+        decode_markers: bool,
+        bucket: str,
     ) -> tuple[str, str] | None:
         """Where the next page starts: after the last upload listed (what AWS's Next markers
         say too, but decoded the same way as the keys), or the Next markers of a page without
         uploads. Directory buckets have an opaque key marker and no upload-id marker."""
         next_key = page.get("NextKeyMarker") or ""
         if directory:
-            return (self._decoded(next_key, decode, bucket), "") if next_key else None
+            return (self._decoded(next_key, decode_markers, bucket), "") if next_key else None
         uploads = page.get("Uploads") or []
         if uploads:
             last = uploads[-1]
-            return self._decoded(last["Key"], True, bucket), str(last["UploadId"])
+            return self._decoded(last["Key"], decode_keys, bucket), str(last["UploadId"])
         if not next_key:
             return None
-        return self._decoded(next_key, decode, bucket), str(page.get("NextUploadIdMarker") or "")
+        next_id = str(page.get("NextUploadIdMarker") or "")
+        return self._decoded(next_key, decode_markers, bucket), next_id
 
-    def _markers_encoded(self, page: dict[str, Any]) -> bool:
-        """Whether this page's markers are URL-encoded. AWS and MinIO encode them and say so
-        (``EncodingType=url`` in the answer); a store with ``url_encoding: keys_only`` (Ceph)
-        encodes only ``Key`` and sends the markers raw, without saying anything."""
+    def _encoded(self, page: dict[str, Any]) -> tuple[bool, bool]:
+        """Whether this page's keys, and its markers, are URL-encoded. AWS and MinIO encode
+        both and say so (``EncodingType=url`` in the answer; a store that ignores the request
+        sends raw keys and says nothing); a store with ``url_encoding: keys_only`` (Ceph)
+        always encodes ``Key``, sends the markers raw, and never says so."""
         if self.profile.url_encoding == "keys_only":
-            return False
-        return str(page.get("EncodingType", "")).lower() == "url"
+            return True, False
+        echoed = str(page.get("EncodingType", "")).lower() == "url"
+        return echoed, echoed
 
     @staticmethod
     def _decoded(value: str, encoded: bool, bucket: str) -> str:
