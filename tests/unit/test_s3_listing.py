@@ -390,7 +390,9 @@ def test_endless_empty_truncated_pages_are_an_error(
         marker = {"NextKeyMarker": f"k{index}", "NextUploadIdMarker": f"u{index}"}
         expect_list(stub, page(IsTruncated=True, **marker), **previous)
         previous = {"KeyMarker": f"k{index}", "UploadIdMarker": f"u{index}"}
-    with pytest.raises(StoreError, match=r"no progress.*4 pages in a row without an upload"):
+    with pytest.raises(
+        StoreError, match=r"no progress: 4 truncated pages in a row without an upload"
+    ):
         listed(store)
 
 
@@ -411,3 +413,12 @@ def test_a_store_that_ignores_the_encoding_request_keeps_its_raw_keys(
         UploadIdMarker="u1",
     )
     assert listed(store) == [("100%25+done", "u1"), ("a+b", "u2")]
+
+
+def test_a_parts_listing_past_the_highest_part_number_is_an_error(
+    stubbed: Callable[[str], tuple[S3Store, Stubber]],
+) -> None:
+    store, stub = stubbed("Generic")
+    expect_parts(stub, parts_page([], IsTruncated=True, NextPartNumberMarker=10001))
+    with pytest.raises(StoreError, match="no progress"):
+        store.measure(an_upload())

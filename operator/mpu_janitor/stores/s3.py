@@ -43,6 +43,7 @@ from mpu_janitor.stores.profiles import S3Profile, profile
 PAGE_SIZE = 1000
 # Truncated listing pages in a row that list no upload before the listing is called stuck.
 MAX_EMPTY_PAGES = 1000
+MAX_PART_NUMBER = 10000  # S3's highest part number: a parts listing past it is stuck
 
 _THROTTLE_CODES = {
     "SlowDown",
@@ -220,17 +221,17 @@ class S3Store:
                 return  # Next markers without truncation (Ceph) mean nothing
             empty_pages = 0 if fresh else empty_pages + 1
             marker = self._next_marker(page, directory, decode_keys, decode_markers, bucket)
-            if marker is None or marker in markers_seen or empty_pages > MAX_EMPTY_PAGES:
+            if marker is None:
+                stuck = "a truncated page without a next marker"
+            elif marker in markers_seen:
+                stuck = f"a page pointing back to markers already listed {marker!r}"
+            elif empty_pages > MAX_EMPTY_PAGES:
+                stuck = f"{empty_pages} truncated pages in a row without an upload"
+            else:
+                stuck = ""
+            if stuck or marker is None:
                 raise StoreError(
-                    f"ListMultipartUploads on bucket {bucket!r} made no progress: a truncated "
-                    + (
-                        "page without a next marker"
-                        if marker is None
-                        else f"page pointing back to key marker {marker[0]!r}"
-                        f" and upload-id marker {marker[1]!r}"
-                        if marker in markers_seen
-                        else f"listing of {empty_pages} pages in a row without an upload"
-                    ),
+                    f"ListMultipartUploads on bucket {bucket!r} made no progress: {stuck}",
                     container=bucket,
                 )
             markers_seen.add(marker)
@@ -319,11 +320,11 @@ class S3Store:
             following = int(page.get("NextPartNumberMarker") or 0)
             if parts:
                 following = max(following, max(int(part["PartNumber"]) for part in parts))
-            if following <= marker:
+            if following <= marker or following > MAX_PART_NUMBER:
                 raise StoreError(
                     f"ListParts of {upload.key!r} in bucket {upload.container!r} made no "
-                    f"progress: a truncated page whose next part-number marker is "
-                    f"{page.get('NextPartNumberMarker')!r} after marker {marker}",
+                    f"progress: a truncated page after part {marker} whose next part-number "
+                    f"marker is {page.get('NextPartNumberMarker')!r}",
                     container=upload.container,
                 )
             marker = following
