@@ -145,10 +145,11 @@ def test_upload_written_during_quiet_period_survives(
 def test_dry_run_changes_nothing_and_predicts_the_real_sweep(
     ceph: CephCluster, cs3: Any, cbucket: str
 ) -> None:
+    # (No young upload here: on a loaded machine it could age past olderThan between the two
+    # sweeps and rightly change the prediction; age scope is proven above.)
     for index, sizes in enumerate([[1], [2, 3], [4, 5, 6], []]):
         make_upload(cs3, cbucket, f"k{index}", sizes)
     time.sleep(AGE)
-    make_upload(cs3, cbucket, "young", [99])
     before = open_uploads(cs3, cbucket)
     doc = ceph_doc(ceph, [cbucket])
 
@@ -163,7 +164,7 @@ def test_dry_run_changes_nothing_and_predicts_the_real_sweep(
 
     real = sweep(ceph, doc).summary()
     assert (real["aborted"], real["freedBytes"], real["failed"]) == (4, 21, 0)
-    assert {key for key, _ in open_uploads(cs3, cbucket)} == {"young"}
+    assert open_uploads(cs3, cbucket) == set()
 
 
 def test_freed_bytes_equal_the_sum_of_part_sizes(ceph: CephCluster, cs3: Any, cbucket: str) -> None:
