@@ -145,7 +145,7 @@ class CephCluster:
 
     def logs(self, lines: int = 25) -> str:
         parts = []
-        for path in sorted(self.root.glob("*.log")):
+        for path in sorted([*self.root.glob("*.log"), *self.root.glob("*.out")]):
             with contextlib.suppress(OSError):
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {path.name} ---\n" + "\n".join(text))
