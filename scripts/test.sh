@@ -9,6 +9,7 @@ started=$(date +%s)
 source scripts/env.sh
 echo "== binaries" >&2
 bash scripts/build-binaries.sh
+bash scripts/install-ceph.sh
 echo "== lint and types ($(( $(date +%s) - started ))s)" >&2
 ruff check .
 ruff format --check .

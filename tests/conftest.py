@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.ceph import CephCluster
 from tests.support.minio import MinioServer
 
 _bucket_numbers = itertools.count(1)
@@ -19,6 +20,15 @@ def minio() -> Iterator[MinioServer]:
     server = MinioServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph() -> Iterator[CephCluster]:
+    """A fresh single-node Ceph (mon, memstore OSD, radosgw) for the session, stopped by PID."""
+    cluster = CephCluster().start()
+    print(f"\nCeph RGW ready {cluster.started_seconds:.1f}s after start ({cluster.endpoint})")
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture()

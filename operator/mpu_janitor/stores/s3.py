@@ -7,6 +7,8 @@ Directory buckets (names ending ``--x-s3``) get ``IfMatchInitiatedTime`` on abor
 from __future__ import annotations
 
 import fnmatch
+import functools
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +44,9 @@ from mpu_janitor.stores.identity import s3_target_id
 from mpu_janitor.stores.profiles import S3Profile, profile
 
 PAGE_SIZE = 1000
+# Truncated listing pages in a row that list no upload before the listing is called stuck.
+MAX_EMPTY_PAGES = 1000
+MAX_PART_NUMBER = 10000  # S3's highest part number: a parts listing past it is stuck
 
 _THROTTLE_CODES = {
     "SlowDown",
@@ -194,53 +199,176 @@ class S3Store:
     def list_uploads(
         self, container: str, prefixes: Sequence[str], pace: Pace = unpaced
     ) -> Iterator[UploadPage]:
+        """Every page is one ListMultipartUploads request sent through ``pace``; the position
+        lives in markers here, so a throttled page is retried alone. No ``Delimiter`` is ever
+        sent (Ceph drops the uploads under a prefix when asked for one)."""
         if self.profile.prefix_is_exact_key or not prefixes:
             listing_prefixes = [""]
         else:
             listing_prefixes = minimal_prefixes(prefixes)
-        paginator = self.client.get_paginator("list_multipart_uploads")
         for prefix in listing_prefixes:
-            params = self._common(container)
-            if prefix:
-                params["Prefix"] = prefix
-            pages = paginator.paginate(**params, PaginationConfig={"PageSize": PAGE_SIZE})
-            try:
-                for page in pages:
-                    uploads = [
-                        Upload(
-                            container,
-                            item["Key"],
-                            item["UploadId"],
-                            item["Initiated"].astimezone(UTC),
-                        )
-                        for item in page.get("Uploads", [])
-                    ]
-                    yield UploadPage(uploads, server_time(page, "S3"))
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
-                raise translate_error(error, container) from error
+            yield from self._list_prefix(container, prefix, pace)
+
+    def _list_prefix(self, bucket: str, prefix: str, pace: Pace) -> Iterator[UploadPage]:
+        directory = is_directory_bucket(bucket) and self.profile.directory_buckets
+        params = self._common(bucket)
+        params.update(MaxUploads=PAGE_SIZE, EncodingType="url")
+        if prefix:
+            params["Prefix"] = prefix
+        marker: tuple[str, str] | None = None  # (key marker, upload-id marker) of the next page
+        markers_seen: set[tuple[str, str]] = set()
+        # The uploads already yielded for the newest key: a store whose KeyMarker is inclusive
+        # (Ceph) may list them again on the next page.
+        tail_key: str | None = None
+        tail_ids: set[str] = set()
+        empty_pages = 0
+        while True:
+            request = dict(params)
+            if marker is not None:
+                request["KeyMarker"] = marker[0]
+                if marker[1]:
+                    request["UploadIdMarker"] = marker[1]
+            page = pace(
+                functools.partial(self._send, self.client.list_multipart_uploads, request, bucket)
+            )
+            decode_keys, decode_markers = self._encoded(page)
+            fresh: list[Upload] = []
+            for item in page.get("Uploads", []):
+                key = self._decoded(item["Key"], decode_keys, bucket)
+                if key != tail_key:
+                    tail_key, tail_ids = key, set()
+                elif item["UploadId"] in tail_ids:
+                    continue
+                tail_ids.add(item["UploadId"])
+                fresh.append(
+                    Upload(bucket, key, item["UploadId"], item["Initiated"].astimezone(UTC))
+                )
+            yield UploadPage(fresh, server_time(page, "S3"))
+            if not page.get("IsTruncated"):
+                return  # Next markers without truncation (Ceph) mean nothing
+            empty_pages = 0 if fresh else empty_pages + 1
+            marker = self._next_marker(page, directory, decode_keys, decode_markers, bucket)
+            if marker is None:
+                stuck = "a truncated page without a next marker"
+            elif marker in markers_seen:
+                stuck = f"a page pointing back to markers already listed {marker!r}"
+            elif empty_pages > MAX_EMPTY_PAGES:
+                stuck = f"{empty_pages} truncated pages in a row without an upload"
+            else:
+                stuck = ""
+            if stuck or marker is None:
+                raise StoreError(
+                    f"ListMultipartUploads on bucket {bucket!r} made no progress: {stuck}",
+                    container=bucket,
+                )
+            markers_seen.add(marker)
+
+    def _next_marker(
+        self,
+        page: dict[str, Any],
+        directory: bool,
+        decode_keys: bool,
+        decode_markers: bool,
+        bucket: str,
+    ) -> tuple[str, str] | None:
+        """Where the next page starts: after the last upload listed (what AWS's Next markers
+        say too, but decoded the same way as the keys), or the Next markers of a page without
+        uploads. Directory buckets have an opaque key marker and no upload-id marker."""
+        next_key = page.get("NextKeyMarker") or ""
+        if directory:
+            return (self._decoded(next_key, decode_markers, bucket), "") if next_key else None
+        uploads = page.get("Uploads") or []
+        if uploads:
+            last = uploads[-1]
+            return self._decoded(last["Key"], decode_keys, bucket), str(last["UploadId"])
+        if not next_key:
+            return None
+        next_id = str(page.get("NextUploadIdMarker") or "")
+        return self._decoded(next_key, decode_markers, bucket), next_id
+
+    def _encoded(self, page: dict[str, Any]) -> tuple[bool, bool]:
+        """Whether this page's keys, and its markers, are URL-encoded. AWS and MinIO encode
+        both and say so (``EncodingType=url`` in the answer; a store that ignores the request
+        sends raw keys and says nothing); a store with ``url_encoding: keys_only`` (Ceph)
+        always encodes ``Key``, sends the markers raw, and never says so."""
+        if self.profile.url_encoding == "keys_only":
+            return True, False
+        echoed = str(page.get("EncodingType", "")).lower() == "url"
+        return echoed, echoed
+
+    @staticmethod
+    def _decoded(value: str, encoded: bool, bucket: str) -> str:
+        if not encoded:
+            return value
+        try:
+            return urllib.parse.unquote_plus(value, errors="strict")
+        except UnicodeDecodeError as error:
+            raise StoreError(
+                f"ListMultipartUploads on bucket {bucket!r} answered a key that is not "
+                f"URL-encoded UTF-8: {value!r}",
+                container=bucket,
+            ) from error
+
+    @staticmethod
+    def _send(call: Any, params: dict[str, Any], container: str) -> dict[str, Any]:
+        """One request, its failure in the engine's vocabulary (so ``pace`` sees Throttled)."""
+        try:
+            response: dict[str, Any] = call(**params)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            raise translate_error(error, container) from error
+        return response
 
     def measure(self, upload: Upload, pace: Pace = unpaced) -> PartsSummary:
-        paginator = self.client.get_paginator("list_parts")
+        """Every page is one ListParts request sent through ``pace``, resumed from the last
+        part number seen, so a throttled page is retried alone."""
+        params = self._common(upload.container)
+        params.update(Key=upload.key, UploadId=upload.upload_id, MaxParts=PAGE_SIZE)
         size = count = 0
         newest: datetime | None = None
         now: datetime | None = None
-        try:
-            for page in paginator.paginate(
-                **self._common(upload.container),
-                Key=upload.key,
-                UploadId=upload.upload_id,
-                PaginationConfig={"PageSize": PAGE_SIZE},
-            ):
-                now = server_time(page, "S3")
-                for part in page.get("Parts", []):
-                    size += int(part["Size"])
-                    count += 1
-                    modified = part["LastModified"].astimezone(UTC)
-                    if newest is None or modified > newest:
-                        newest = modified
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
-            raise translate_error(error, upload.container) from error
+        marker = 0
+        while True:
+            request = dict(params)
+            if marker:
+                request["PartNumberMarker"] = marker
+            page = pace(functools.partial(self._list_parts_page, request, upload.container))
+            now = server_time(page, "S3")
+            parts = page.get("Parts", [])
+            for part in parts:
+                if int(part["PartNumber"]) <= marker:
+                    continue  # listed on an earlier page already
+                size += int(part["Size"])
+                count += 1
+                modified = part["LastModified"].astimezone(UTC)
+                if newest is None or modified > newest:
+                    newest = modified
+            if not page.get("IsTruncated"):
+                break
+            following = int(page.get("NextPartNumberMarker") or 0)
+            if parts:
+                following = max(following, max(int(part["PartNumber"]) for part in parts))
+            if following <= marker or following > MAX_PART_NUMBER:
+                raise StoreError(
+                    f"ListParts of {upload.key!r} in bucket {upload.container!r} made no "
+                    f"progress: a truncated page after part {marker} whose next part-number "
+                    f"marker is {page.get('NextPartNumberMarker')!r}",
+                    container=upload.container,
+                )
+            marker = following
         return PartsSummary(size, count, newest, now or datetime.now(UTC))
+
+    def _list_parts_page(self, params: dict[str, Any], container: str) -> dict[str, Any]:
+        try:
+            response: dict[str, Any] = self.client.list_parts(**params)
+        except botocore.exceptions.ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in self.profile.list_parts_gone_codes:
+                # This store's way of saying "no such upload" (Ceph: 404 NoSuchKey).
+                raise UploadGone(f"{code}: upload {params['UploadId']!r} is gone") from error
+            raise translate_error(error, container) from error
+        except botocore.exceptions.BotoCoreError as error:
+            raise translate_error(error, container) from error
+        return response
 
     def abort(self, upload: Upload) -> None:
         params = self._common(upload.container)
