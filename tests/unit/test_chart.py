@@ -236,9 +236,6 @@ def test_deployment_defaults(tmp_path: Path) -> None:
     assert "memory" in operator["resources"]["limits"]
     # The root filesystem is read-only: /tmp is a volume.
     assert {"name": "tmp", "mountPath": "/tmp"} in operator["volumeMounts"]
-    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
-        operator["env"]
-    )
     args = parsed_args(objects)
     assert args.command == "operator"
     assert args.all_namespaces is True and args.namespace == []
@@ -524,10 +521,101 @@ def test_dashboard_shows_the_contract_panels() -> None:
 
 
 def test_the_crd_upgrade_path_is_documented() -> None:
-    """Helm never upgrades crds/: the README and the install notes say what to run instead."""
-    command = "kubectl apply --server-side --force-conflicts -f charts/mpu-janitor/crds/"
+    """Helm never upgrades crds/: the README and the install notes say what to run instead, in a
+    form that works from a chart repository or a packaged .tgz (no checkout needed)."""
+    command = "| kubectl apply --server-side --force-conflicts -f -"
     notes = (CHART / "templates" / "NOTES.txt").read_text()
     readme = (CHART / "README.md").read_text()
-    assert command in notes
+    assert "helm show crds" in notes and command in notes
+    assert "charts/mpu-janitor/crds" not in notes
     assert "## Upgrading the CRDs" in readme and "never upgrades" in readme
-    assert command in readme
+    section = readme[readme.index("## Upgrading the CRDs") :]
+    assert re.search(r"helm show crds \S+ --version \S+ \\?\s*" + re.escape(command), section)
+
+
+def test_kube_version_is_declared_and_checked(tmp_path: Path) -> None:
+    """The chart says which Kubernetes it needs (the CRD's CEL rules: 1.29), and helm refuses an
+    older one; without --kube-version helm assumes the Kubernetes its release was built for."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.29.0-0"
+    render(tmp_path)
+    error = render_error(tmp_path, {}, "--kube-version", "1.28.0")
+    assert "chart requires kubeVersion: >=1.29.0-0" in error
+    assert kinds(render(tmp_path, {}, "--kube-version", "1.29.3")).count("Deployment") == 1
+
+
+def test_grace_period_outlasts_the_operators_own_shutdown_waits(tmp_path: Path) -> None:
+    """On SIGTERM the scheduler waits for running sweeps, then for status writes: Kubernetes must
+    not kill the pod before those waits are over."""
+    stop = (ROOT / "operator" / "mpu_janitor" / "scheduler.py").read_text()
+    stop = stop[stop.index("async def stop(") :]
+    stop = stop[: stop.index("\n    def ") if "\n    def " in stop else None]
+    waits = [int(t) for t in re.findall(r"asyncio\.wait\([^)]*timeout=(\d+)\)", stop)]
+    assert waits, "the scheduler's shutdown waits were not found"
+    pod = only(render(tmp_path), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= sum(waits) + 15
+
+
+def test_pod_id_is_not_set_for_nothing(tmp_path: Path) -> None:
+    """The operator passes its own identity (host name and a random suffix) to Kopf, so a POD_ID
+    variable would be read by nobody."""
+    source = (ROOT / "operator" / "mpu_janitor" / "handlers.py").read_text()
+    assert '"identity": config.identity' in source
+    env = container(render(tmp_path)).get("env", [])
+    assert "POD_ID" not in {e["name"] for e in env}
+
+
+def test_disruption_budget_with_peering(tmp_path: Path) -> None:
+    assert "PodDisruptionBudget" not in kinds(render(tmp_path))
+    objects = render(tmp_path, {"replicaCount": 2, "peering": {"enabled": True}})
+    budget = only(objects, "PodDisruptionBudget")
+    deployment = only(objects, "Deployment")
+    assert budget["metadata"]["namespace"] == NAMESPACE
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == (
+        deployment["spec"]["selector"]["matchLabels"]
+    )
+    tuned = render(
+        tmp_path,
+        {"replicaCount": 3, "peering": {"enabled": True}, "podDisruptionBudget": {"minAvailable": 2}},
+    )
+    assert only(tuned, "PodDisruptionBudget")["spec"] == {
+        "minAvailable": 2,
+        "selector": budget["spec"]["selector"],
+    }
+    off = render(
+        tmp_path,
+        {"replicaCount": 2, "peering": {"enabled": True}, "podDisruptionBudget": {"enabled": False}},
+    )
+    assert "PodDisruptionBudget" not in kinds(off)
+
+
+def test_namespace_override_moves_every_namespaced_object(tmp_path: Path) -> None:
+    values = {
+        "namespaceOverride": "storage-ops",
+        "replicaCount": 2,
+        "peering": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+    }
+    objects = render(tmp_path, values)
+    for obj in objects:
+        if obj["kind"] in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
+            assert "namespace" not in obj["metadata"], obj["kind"]
+        else:
+            assert obj["metadata"]["namespace"] == "storage-ops", obj["kind"]
+    (subject,) = only(objects, "ClusterRoleBinding")["subjects"]
+    assert subject["namespace"] == "storage-ops"
+    monitor = only(objects, "ServiceMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["storage-ops"]}
+    rule = only(objects, "PrometheusRule")
+    absent = [r for r in rule["spec"]["groups"][0]["rules"] if r["alert"].endswith("Absent")]
+    assert 'namespace="storage-ops"' in absent[0]["expr"]
+
+
+def test_deployment_annotations(tmp_path: Path) -> None:
+    annotations = {"reloader.stakater.com/auto": "true"}
+    deployment = only(render(tmp_path, {"deploymentAnnotations": annotations}), "Deployment")
+    assert deployment["metadata"]["annotations"] == annotations
+    assert "annotations" not in only(render(tmp_path), "Deployment")["metadata"]
