@@ -572,21 +572,16 @@ def test_disruption_budget_with_peering(tmp_path: Path) -> None:
     deployment = only(objects, "Deployment")
     assert budget["metadata"]["namespace"] == NAMESPACE
     assert budget["spec"]["maxUnavailable"] == 1
-    assert budget["spec"]["selector"]["matchLabels"] == (
-        deployment["spec"]["selector"]["matchLabels"]
+    assert (
+        budget["spec"]["selector"]["matchLabels"] == (deployment["spec"]["selector"]["matchLabels"])
     )
-    tuned = render(
-        tmp_path,
-        {"replicaCount": 3, "peering": {"enabled": True}, "podDisruptionBudget": {"minAvailable": 2}},
-    )
+    peering = {"replicaCount": 3, "peering": {"enabled": True}}
+    tuned = render(tmp_path, {**peering, "podDisruptionBudget": {"minAvailable": 2}})
     assert only(tuned, "PodDisruptionBudget")["spec"] == {
         "minAvailable": 2,
         "selector": budget["spec"]["selector"],
     }
-    off = render(
-        tmp_path,
-        {"replicaCount": 2, "peering": {"enabled": True}, "podDisruptionBudget": {"enabled": False}},
-    )
+    off = render(tmp_path, {**peering, "podDisruptionBudget": {"enabled": False}})
     assert "PodDisruptionBudget" not in kinds(off)
 
 
