@@ -103,14 +103,14 @@ METRICS = {
 }
 
 
-def helm_binary() -> Path:
-    candidates = [Path.home() / ".cache" / "mpu-janitor" / "bin" / "helm"]
+def helm_binary(name: str = "helm") -> Path:
+    candidates = [Path.home() / ".cache" / "mpu-janitor" / "bin" / name]
     if os.environ.get("MPU_JANITOR_BIN_DIR"):
-        candidates.insert(0, Path(os.environ["MPU_JANITOR_BIN_DIR"]) / "helm")
+        candidates.insert(0, Path(os.environ["MPU_JANITOR_BIN_DIR"]) / name)
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
-    pytest.fail(f"helm not found at {candidates}: run scripts/build-binaries.sh helm")
+    pytest.fail(f"{name} not found at {candidates}: run scripts/build-binaries.sh {name}")
 
 
 def helm(
@@ -614,3 +614,26 @@ def test_deployment_annotations(tmp_path: Path) -> None:
     deployment = only(render(tmp_path, {"deploymentAnnotations": annotations}), "Deployment")
     assert deployment["metadata"]["annotations"] == annotations
     assert "annotations" not in only(render(tmp_path), "Deployment")["metadata"]
+
+
+def test_readme_values_table_is_generated_from_values_yaml() -> None:
+    """The README's values table is helm-docs' rendering of the `# --` comments: regenerating it
+    changes nothing, and every value has a description."""
+    result = subprocess.run(
+        [str(helm_binary("helm-docs")), "--chart-search-root", str(CHART), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    readme = (CHART / "README.md").read_text()
+    assert result.stdout == readme, (
+        "charts/mpu-janitor/README.md differs from what helm-docs generates from values.yaml "
+        "and README.md.gotmpl: run helm-docs --chart-search-root charts"
+    )
+    table = readme[readme.index("| Key | Type | Default | Description |") :]
+    rows = [line.split(" | ") for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) > 60
+    for key, _type, _default, description in rows:
+        assert description.strip(" |"), f"{key.strip('| ')} has no `# --` description"
