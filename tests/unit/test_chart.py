@@ -81,6 +81,7 @@ ALERTS = {
     "MpuJanitorAbortsFailing",
     "MpuJanitorIncompleteBytesHigh",
     "MpuJanitorEligibleUploadsPersist",
+    "MpuJanitorPolicyNotReady",
     "MpuJanitorOperatorAbsent",
 }
 METRICS = {
@@ -441,9 +442,12 @@ def test_every_feature_on(tmp_path: Path) -> None:
     dashboard = only(objects, "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Storage"}
-    assert json.loads(dashboard["data"]["mpu-janitor.json"]) == json.loads(
-        (CHART / "dashboards" / "mpu-janitor.json").read_text()
-    )
+    shipped = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
+    assert json.loads(dashboard["data"]["mpu-janitor.json"]) == {
+        **shipped,
+        "uid": FULLNAME,
+        "title": f"mpu-janitor ({FULLNAME})",
+    }
 
 
 def test_monitoring_objects_only_when_enabled(tmp_path: Path) -> None:
@@ -484,7 +488,14 @@ def test_alerts_can_be_tuned_and_switched_off(tmp_path: Path) -> None:
     bytes_high = alerts["MpuJanitorIncompleteBytesHigh"]
     assert bytes_high["for"] == "2h" and "> 1000\n" in bytes_high["expr"]
     assert bytes_high["labels"] == {"severity": "critical", "team": "storage"}
-    assert "runbook_url" not in bytes_high["annotations"]
+    # Runbooks are on by default: the chart README's sections.
+    assert bytes_high["annotations"]["runbook_url"] == (
+        "https://github.com/mpu-janitor/mpu-janitor/blob/main/charts/mpu-janitor/README.md"
+        "#mpujanitorincompletebyteshigh"
+    )
+    objects = render(tmp_path, {"prometheusRule": {"enabled": True, "runbookBaseUrl": ""}})
+    for rule in only(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]:
+        assert "runbook_url" not in rule["annotations"], rule["alert"]
 
 
 def test_alerts_have_runbooks_in_the_readme() -> None:
@@ -637,3 +648,42 @@ def test_readme_values_table_is_generated_from_values_yaml() -> None:
     assert len(rows) > 60
     for key, _type, _default, description in rows:
         assert description.strip(" |"), f"{key.strip('| ')} has no `# --` description"
+
+
+def test_dashboard_filters_by_cluster_and_job() -> None:
+    """In a Prometheus that holds several clusters or several operator releases, the dashboard
+    shows one cluster and one job at a time (or all of them)."""
+    dashboard = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names.index("cluster") < names.index("job") < names.index("namespace")
+    for name in ("cluster", "job"):
+        assert variables[name]["includeAll"] is True and variables[name]["allValue"] == ".*"
+    assert 'cluster=~"$cluster"' in variables["job"]["definition"]
+    assert 'job=~"$job"' in variables["namespace"]["definition"]
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for selector in re.findall(r"mpu_janitor_[a-z_]+\{([^}]*)\}", target["expr"]):
+                assert 'cluster=~"$cluster"' in selector, panel["title"]
+                assert 'job=~"$job"' in selector, panel["title"]
+
+
+def test_two_releases_have_two_dashboards(tmp_path: Path) -> None:
+    def dashboard(release: str, values: dict[str, Any]) -> dict[str, Any]:
+        result = helm(
+            "template", release, str(CHART), "--namespace", NAMESPACE,
+            values={"grafanaDashboard": {"enabled": True, **values}}, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (config,) = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "ConfigMap"]
+        parsed: dict[str, Any] = json.loads(config["data"]["mpu-janitor.json"])
+        return parsed
+
+    first, second = dashboard("mpu-janitor", {}), dashboard("janitor-eu", {})
+    assert first["uid"] == "mpu-janitor"
+    assert second["uid"] == "janitor-eu-mpu-janitor"
+    assert first["title"] != second["title"]
+    custom = dashboard("janitor-eu", {"uid": "storage-janitor", "title": "Storage janitor"})
+    assert (custom["uid"], custom["title"]) == ("storage-janitor", "Storage janitor")
+    shipped = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
+    assert {**custom, "uid": shipped["uid"], "title": shipped["title"]} == shipped
