@@ -687,3 +687,77 @@ def test_two_releases_have_two_dashboards(tmp_path: Path) -> None:
     assert (custom["uid"], custom["title"]) == ("storage-janitor", "Storage janitor")
     shipped = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
     assert {**custom, "uid": shipped["uid"], "title": shipped["title"]} == shipped
+
+
+def permission_blocks() -> dict[str, list[dict[str, Any]]]:
+    """The JSON policies of the README's "Permissions per store", by store heading."""
+    readme = (CHART / "README.md").read_text()
+    section = readme[readme.index("## Permissions per store") :]
+    section = section[: section.index("\n## ", 1)]
+    blocks: dict[str, list[dict[str, Any]]] = {}
+    for part in re.split(r"^### ", section, flags=re.M)[1:]:
+        heading = part.splitlines()[0]
+        blocks[heading] = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", part, re.S)]
+    return blocks
+
+
+def allowed_actions(document: dict[str, Any]) -> set[str]:
+    statements = document.get("Statement") or document.get("statement") or []
+    actions: set[str] = set()
+    for statement in statements:
+        found = statement.get("Action") or statement.get("action")
+        actions |= {found} if isinstance(found, str) else set(found)
+    return actions
+
+
+def test_readme_gives_least_privilege_policies_per_store() -> None:
+    """Each store's policy allows exactly the calls its store module makes, and parses."""
+    source = (ROOT / "operator" / "mpu_janitor" / "stores" / "s3.py").read_text()
+    s3_calls = set(re.findall(r"client\.([a-z_]+)\(", source))
+    s3_calls |= set(re.findall(r'get_paginator\("([a-z_]+)"\)', source))
+    s3_calls -= {"close", "get_paginator"}
+    s3_permission = {
+        "list_buckets": "s3:ListAllMyBuckets",
+        "list_multipart_uploads": "s3:ListBucketMultipartUploads",
+        "list_parts": "s3:ListMultipartUploadParts",
+        "abort_multipart_upload": "s3:AbortMultipartUpload",
+        "head_object": "s3:GetObject",
+    }
+    assert s3_calls == set(s3_permission), "a new S3 call needs its permission in the README"
+    blocks = permission_blocks()
+    (aws,) = blocks["AWS S3 (general purpose buckets)"]
+    assert allowed_actions(aws) == set(s3_permission.values())
+    (express,) = blocks["AWS S3 directory buckets (S3 Express One Zone)"]
+    assert allowed_actions(express) == {"s3express:CreateSession"}
+    (minio,) = blocks["MinIO"]
+    assert allowed_actions(minio) == {
+        "s3:ListBucketMultipartUploads",
+        "s3:ListMultipartUploadParts",
+        "s3:AbortMultipartUpload",
+    }
+    glacier_source = (ROOT / "operator" / "mpu_janitor" / "stores" / "glacier.py").read_text()
+    glacier_calls = set(re.findall(r"client\.([a-z_]+)\(", glacier_source)) - {"close"}
+    (glacier,) = blocks["Amazon S3 Glacier vaults"]
+    assert allowed_actions(glacier) == {
+        "glacier:" + "".join(word.title() for word in call.split("_")) for call in glacier_calls
+    }
+    (compatible,) = blocks["Ceph RGW and Scality"]
+    assert "s3:GetObject" in allowed_actions(compatible)
+    (cos,) = blocks["Tencent COS"]
+    assert {"name/cos:ListMultipartUploads", "name/cos:AbortMultipartUpload"} <= (
+        allowed_actions(cos)
+    )
+    assert "LILT" in blocks
+
+
+def test_the_minio_example_can_act_before_minio_itself() -> None:
+    """MinIO aborts uploads older than 24h on its own: the example's age limit is below that,
+    and it says why."""
+    text = (ROOT / "examples" / "minio.yaml").read_text()
+    policy = yaml.safe_load(text)
+    older_than = policy["spec"]["match"]["olderThan"]
+    value, unit = int(older_than[:-1]), older_than[-1]
+    assert value * {"m": 1 / 60, "h": 1, "d": 24}[unit] < 24
+    assert "stale_uploads_expiry" in text
+    readme = (CHART / "README.md").read_text()
+    assert "MINIO_API_STALE_UPLOADS_EXPIRY" in readme
