@@ -148,10 +148,18 @@ class Progress:
             self.stream.flush()
 
     def _columns(self) -> int:
+        """The terminal's width: COLUMNS, else what the terminal says, else 80 (a terminal that
+        reports no size, such as a pseudo-terminal nobody sized, says 0)."""
         try:
-            return os.get_terminal_size(self.stream.fileno()).columns
-        except (OSError, ValueError):
-            return 80
+            columns = int(os.environ.get("COLUMNS", "0"))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(self.stream.fileno()).columns
+            except (OSError, ValueError):
+                columns = 0
+        return columns if columns > 0 else 80
 
     def finish(self) -> None:
         if not self.enabled:

@@ -185,7 +185,8 @@ def test_dry_run_shows_what_would_be_aborted(terminal: Terminal) -> None:
     progress.finish()
 
 
-def test_the_line_never_wraps_on_a_narrow_terminal() -> None:
+def test_the_line_never_wraps_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
     screen = Terminal(columns=30)
     try:
         store = FakeStore()
@@ -194,6 +195,23 @@ def test_the_line_never_wraps_on_a_narrow_terminal() -> None:
         run_sweep(policy(), store, progress=progress)
         line = screen.wait_for(lambda text: text.startswith("1/1"), "the line")
         assert len(line) < 30
+        progress.finish()
+    finally:
+        screen.close()
+
+
+def test_a_terminal_that_reports_no_width_gets_a_whole_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    screen = Terminal(columns=0)
+    try:
+        store = FakeStore()
+        store.add("k", age=48 * H)
+        progress = Progress(screen.stream, interval=0.05)
+        run_sweep(policy(), store, progress=progress)
+        line = screen.wait_for(lambda text: text.startswith("1/1"), "the line")
+        assert line.startswith("1/1 measured, 1 aborted, 100 B freed, "), line
         progress.finish()
     finally:
         screen.close()
