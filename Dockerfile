@@ -2,6 +2,8 @@
 #   docker build -t mpu-janitor \
 #     --build-arg REVISION="$(git rev-parse HEAD)" --build-arg CREATED="$(date -u +%FT%TZ)" .
 #   docker run --rm mpu-janitor sweep -f policy.yaml --dry-run   (the default command: operator)
+# Without a Docker daemon: scripts/build-image.sh (buildah); --debian-base where no container
+# registry is reachable.
 #
 # The base image of both stages. For a reproducible release build, pin it by digest:
 # scripts/pin-base-image.sh looks the tag's digest up (skopeo) and rewrites this line to
