@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real components the tests and the demo run (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm, minio, promtool) from the Go module proxy, once per pinned version, into
+# kubectl, etcd, helm, helm-docs, minio, promtool) from the Go module proxy, once per pinned version, into
 # ${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor/bin. Builds only what is missing; a failed build
 # exits non-zero (the tests never skip a missing binary).
 #
@@ -11,6 +11,10 @@ set -euo pipefail
 KUBE_VERSION=v1.35.4
 ETCD_VERSION=v3.6.16
 HELM_VERSION=v3.22.0
+# The Kubernetes version helm assumes without a cluster (`helm template`, `helm lint`): the
+# minor of the k8s.io/client-go that HELM_VERSION requires, as helm's Makefile sets it.
+HELM_KUBE_VERSION=v1.37
+HELM_DOCS_VERSION=v1.14.2
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 # Prometheus 3.15.0 (the module is tagged v0.<major><minor>.<patch>), for promtool.
 PROMETHEUS_VERSION=v0.315.0
@@ -30,7 +34,8 @@ bin_path() {
   case "$1" in
     kube-apiserver|kube-controller-manager|kubectl) echo "$BIN_DIR/$1-$KUBE_VERSION" ;;
     etcd) echo "$BIN_DIR/etcd-$ETCD_VERSION" ;;
-    helm) echo "$BIN_DIR/helm-$HELM_VERSION" ;;
+    helm) echo "$BIN_DIR/helm-$HELM_VERSION-kube$HELM_KUBE_VERSION" ;;
+    helm-docs) echo "$BIN_DIR/helm-docs-$HELM_DOCS_VERSION" ;;
     minio) echo "$BIN_DIR/minio-$MINIO_VERSION" ;;
     promtool) echo "$BIN_DIR/promtool-$PROMETHEUS_VERSION" ;;
     *) log "unknown binary: $1"; exit 2 ;;
@@ -134,17 +139,46 @@ GO
   )
 }
 
+# Built as helm's Makefile builds a release: the version, and the Kubernetes version that
+# templates see as .Capabilities.KubeVersion without a cluster (without it helm assumes 1.20,
+# and a chart's kubeVersion constraint fails `helm template`). The binary's name carries both.
 build_helm() {
   local out; out=$(bin_path helm)
   lock_build "helm-$HELM_VERSION"
   [[ -x "$out" ]] && return 0
-  log "building helm $HELM_VERSION"
-  local dir="$WORK_DIR/helm-$HELM_VERSION"
+  log "building helm $HELM_VERSION (Kubernetes $HELM_KUBE_VERSION)"
+  local dir="$WORK_DIR/helm-$HELM_VERSION" gomod client_go
   mkdir -p "$dir"
-  GOBIN="$dir" go install -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  gomod=$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  # The Makefile's rule: client-go v0.<minor>.<patch> is Kubernetes 1.<minor>.
+  client_go=$(awk '$1 == "k8s.io/client-go" {print $2}' "$gomod")
+  client_go="${client_go#v0.}"
+  if [[ "v1.${client_go%%.*}" != "$HELM_KUBE_VERSION" ]]; then
+    log "helm $HELM_VERSION uses k8s.io/client-go v0.$client_go: set HELM_KUBE_VERSION=v1.${client_go%%.*}"
+    exit 1
+  fi
+  local major="${HELM_KUBE_VERSION#v}" minor="${HELM_KUBE_VERSION#v*.}" ld="-s -w" pkg
+  major="${major%%.*}"
+  ld+=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  ld+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ld+=" -X $pkg.k8sVersionMajor=$major -X $pkg.k8sVersionMinor=$minor"
+  done
+  GOBIN="$dir" go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   mv "$dir/helm" "$out"
+}
+
+# helm-docs writes the chart README's values table from the `# --` comments of values.yaml.
+build_helm_docs() {
+  local out; out=$(bin_path helm-docs)
+  lock_build "helm-docs-$HELM_DOCS_VERSION"
+  [[ -x "$out" ]] && return 0
+  log "building helm-docs $HELM_DOCS_VERSION"
+  local dir="$WORK_DIR/helm-docs-$HELM_DOCS_VERSION"
+  mkdir -p "$dir"
+  GOBIN="$dir" go install -trimpath -ldflags "-s -w -X main.version=${HELM_DOCS_VERSION#v}" \
+    "github.com/norwoodj/helm-docs/cmd/helm-docs@$HELM_DOCS_VERSION"
+  mv "$dir/helm-docs" "$out"
 }
 
 build_minio() {
@@ -196,12 +230,13 @@ GO
 }
 
 targets=("$@")
-((${#targets[@]})) || targets=(etcd minio helm promtool kube-apiserver kube-controller-manager kubectl)
+((${#targets[@]})) || targets=(etcd minio helm helm-docs promtool kube-apiserver kube-controller-manager kubectl)
 need_kube=0
 for t in "${targets[@]}"; do
   case "$t" in
     etcd) build_etcd ;;
     helm) build_helm ;;
+    helm-docs) build_helm_docs ;;
     minio) build_minio ;;
     promtool) build_promtool ;;
     kube-apiserver|kube-controller-manager|kubectl) need_kube=1 ;;

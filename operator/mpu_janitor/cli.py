@@ -31,6 +31,7 @@ from mpu_janitor.policy import (
     PolicyError,
     parse_policy,
 )
+from mpu_janitor.progress import Progress
 from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
@@ -80,31 +81,6 @@ def cli_credentials() -> StoreCredentials | None:
     """The CLI uses the standard AWS chain (env, profile, IRSA); LILT reads LILT_API_KEY."""
     api_key = os.environ.get("LILT_API_KEY")
     return StoreCredentials(api_key=api_key) if api_key else None
-
-
-class Progress:
-    """A one-line progress display on a terminal; silent otherwise."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self._lock = threading.Lock()
-
-    def __call__(self, result: SweepResult) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            self.stream.write(
-                f"\r{result.total('scanned')} scanned, {result.total('eligible')} eligible, "
-                f"{result.total('aborted')} aborted, {human_bytes(result.freed_bytes)} freed, "
-                f"{result.failed} failed\x1b[K"
-            )
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
 
 
 def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:

@@ -528,6 +528,8 @@ def run_sweep(
     cancel = cancel or threading.Event()
     sweep = _Sweep(policy, store, cancel)
     result = sweep.result
+    if progress is not None:
+        progress(result)  # from the start: a live display reads the counts as they change
     try:
         containers = store.containers()
     except StoreError as error:

@@ -236,3 +236,49 @@ def test_chart_rbac_namespaced_mode(
         timeout=60,
         what="the release's Role to be deleted",
     )
+
+
+def test_packaged_chart_installs_and_its_crds_upgrade_by_server_side_apply(
+    chart: Path, control_plane: ControlPlane, make_namespace: Callable[[str], str], tmp_path: Path
+) -> None:
+    """What a user of a published chart does: install the packaged .tgz (here with peering and
+    two replicas, so the PodDisruptionBudget is made too), then upgrade the CRDs the way the
+    README says, from the package itself, over the CRDs Helm created."""
+    plane = control_plane
+    packaged = plane.helm("package", str(chart), "--destination", str(tmp_path)).stdout
+    (tgz,) = tmp_path.glob("mpu-janitor-*.tgz")
+    assert str(tgz) in packaged
+    release, release_ns = "packaged", make_namespace("packaged-op")
+    result = plane.helm(
+        "install",
+        release,
+        str(tgz),
+        "-n",
+        release_ns,
+        "--set=replicaCount=2",
+        "--set=peering.enabled=true",
+    )
+    assert "STATUS: deployed" in result.stdout
+    # The install notes tell how to upgrade the CRDs without a checkout of the repository.
+    assert "helm show crds" in result.stdout
+    try:
+        name = f"{release}-mpu-janitor"
+        budget = plane.kubectl_json("get", "poddisruptionbudget", name, "-n", release_ns)
+        assert budget["spec"]["maxUnavailable"] == 1
+        deployment = plane.kubectl_json("get", "deployment", name, "-n", release_ns)
+        assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+        assert exists(plane, [f"clusterkopfpeering.kopf.dev/{name}"])
+
+        crds = plane.helm("show", "crds", str(tgz)).stdout
+        applied = plane.kubectl(
+            "apply", "--server-side", "--force-conflicts", "-f", "-", input=crds
+        ).stdout
+        assert f"customresourcedefinition.apiextensions.k8s.io/{ULP} serverside-applied" in (
+            applied
+        )
+        crd = plane.kubectl_json("get", "crd", ULP, "--show-managed-fields")
+        managers = {m["manager"] for m in crd["metadata"]["managedFields"]}
+        assert "kubectl" in managers, managers
+        plane.kubectl("wait", "--for=condition=Established", f"crd/{ULP}", "--timeout=60s")
+    finally:
+        plane.helm("uninstall", release, "-n", release_ns, "--ignore-not-found")

@@ -98,7 +98,7 @@ def test_rules_pass_promtool_check(tmp_path: Path, rule_groups: list[dict[str, A
     path = write_rules(tmp_path, rule_groups, annotations=True)
     result = run(binary("promtool"), "check", "rules", path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_sweeps_stale(tmp_path: Path, rule_groups: list[dict[str, Any]]) -> None:
@@ -234,6 +234,163 @@ def test_eligible_uploads_persist(tmp_path: Path, rule_groups: list[dict[str, An
             {"eval_time": "90m", "alertname": "MpuJanitorEligibleUploadsPersist",
              "exp_alerts": [alert("MpuJanitorEligibleUploadsPersist", namespace="media",
                                   policy="weekly", store="S3", bucket="stuck")]},
+        ],
+    }]  # fmt: skip
+    result = promtool_test(tmp_path, tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dry_run_and_suspended_policies_are_not_eligible_alerts(
+    tmp_path: Path, rule_groups: list[dict[str, Any]]
+) -> None:
+    """A DryRun policy never aborts and a suspended one does not sweep: old eligible uploads
+    are what their owners asked for, not an alert."""
+    write_rules(tmp_path, rule_groups, annotations=False)
+    day = 86400
+    inputs = []
+    for policy in ("enforced", "dry", "paused", "was-dry"):
+        labels = policy_labels(policy)
+        inputs += [
+            series("mpu_janitor_policy_older_than_seconds", labels, f"{7 * day}+0x120"),
+            series(
+                "mpu_janitor_oldest_incomplete_upload_age_seconds",
+                labels + ', bucket="b"',
+                f"{15 * day}+0x120",
+            ),
+            series("mpu_janitor_eligible_uploads", labels + ', bucket="b"', "3+0x120"),
+        ]
+    inputs += [
+        series("mpu_janitor_policy_dry_run", policy_labels("enforced"), "0+0x120"),
+        series("mpu_janitor_policy_dry_run", policy_labels("dry"), "1+0x120"),
+        series("mpu_janitor_policy_suspended", policy_labels("paused"), "1+0x120"),
+        # Switched from DryRun to Abort at 10m: its eligible uploads must now go.
+        series("mpu_janitor_policy_dry_run", policy_labels("was-dry"), "1x10 0+0x110"),
+    ]
+    tests = [{
+        "interval": "1m",
+        "input_series": inputs,
+        "alert_rule_test": [
+            {"eval_time": "90m", "alertname": "MpuJanitorEligibleUploadsPersist",
+             "exp_alerts": [
+                 alert("MpuJanitorEligibleUploadsPersist", namespace="media", policy="enforced",
+                       store="S3", bucket="b"),
+                 alert("MpuJanitorEligibleUploadsPersist", namespace="media", policy="was-dry",
+                       store="S3", bucket="b"),
+             ]},
+        ],
+    }]  # fmt: skip
+    result = promtool_test(tmp_path, tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_policy_not_ready(tmp_path: Path, rule_groups: list[dict[str, Any]]) -> None:
+    """Fires when a policy has not been Ready for more than three of its own intervals, with the
+    reason; not for a policy that is Ready again, nor one with a long interval, nor a suspended
+    one. (mpu_janitor_policy_ready: 1 when Ready, 0 when not, labelled with the reason.)"""
+    write_rules(tmp_path, rule_groups, annotations=False)
+    hourly, daily = "3600+0x600", "86400+0x600"
+
+    def ready(policy: str, reason: str, values: str) -> dict[str, str]:
+        labels = f'{TARGET}, namespace="media", policy="{policy}", reason="{reason}"'
+        return series("mpu_janitor_policy_ready", labels, values)
+
+    tests = [{
+        "interval": "1m",
+        "input_series": [
+            # Not Ready from the start (a missing Secret): 3h of a 1h interval, then `for`.
+            series("mpu_janitor_policy_interval_seconds", policy_labels("broken"), hourly),
+            ready("broken", "CredentialsNotFound", "0+0x600"),
+            # Ready for 2h, then not: fires 3h after it was last Ready.
+            series("mpu_janitor_policy_interval_seconds", policy_labels("lapsed"), hourly),
+            ready("lapsed", "Swept", "1+0x120"),
+            ready("lapsed", "StoreUnreachable", "_x120 0+0x480"),
+            # Not Ready for 2h, then Ready again.
+            series("mpu_janitor_policy_interval_seconds", policy_labels("recovered"), hourly),
+            ready("recovered", "Throttled", "0+0x120"),
+            ready("recovered", "Swept", "_x120 1+0x480"),
+            # A daily policy not Ready for 10h: within three intervals.
+            series("mpu_janitor_policy_interval_seconds", policy_labels("daily"), daily),
+            ready("daily", "StoreUnreachable", "0+0x600"),
+            # Suspended on purpose.
+            series("mpu_janitor_policy_interval_seconds", policy_labels("paused"), hourly),
+            series("mpu_janitor_policy_suspended", policy_labels("paused"), "1+0x600"),
+            ready("paused", "Suspended", "0+0x600"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "2h", "alertname": "MpuJanitorPolicyNotReady", "exp_alerts": []},
+            {"eval_time": "4h", "alertname": "MpuJanitorPolicyNotReady",
+             "exp_alerts": [alert("MpuJanitorPolicyNotReady", namespace="media", policy="broken",
+                                  reason="CredentialsNotFound")]},
+            {"eval_time": "6h", "alertname": "MpuJanitorPolicyNotReady",
+             "exp_alerts": [
+                 alert("MpuJanitorPolicyNotReady", namespace="media", policy="broken",
+                       reason="CredentialsNotFound"),
+                 alert("MpuJanitorPolicyNotReady", namespace="media", policy="lapsed",
+                       reason="StoreUnreachable"),
+             ]},
+        ],
+    }]  # fmt: skip
+    result = promtool_test(tmp_path, tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_keep_the_cluster_label(tmp_path: Path, rule_groups: list[dict[str, Any]]) -> None:
+    """With several clusters in one Prometheus (Thanos, Mimir), the same policy in two clusters
+    is two alerts, each saying which cluster, and a healthy cluster does not hide a sick one."""
+    write_rules(tmp_path, rule_groups, annotations=False)
+    day = 86400
+
+    def labels(cluster: str, bucket: str | None = None) -> str:
+        text = f'cluster="{cluster}", {policy_labels("p")}'
+        return text + (f', bucket="{bucket}"' if bucket else "")
+
+    inputs = []
+    for cluster, healthy in (("eu", False), ("us", True)):
+        inputs += [
+            series("mpu_janitor_policy_interval_seconds", labels(cluster), "3600+0x480"),
+            series(
+                "mpu_janitor_last_successful_sweep_timestamp_seconds",
+                labels(cluster),
+                "0+60x480" if healthy else "60+0x480",
+            ),
+            series(
+                "mpu_janitor_aborted_uploads_total",
+                labels(cluster, "b") + ', result="failed"',
+                "0+0x480" if healthy else "0+1x480",
+            ),
+            series(
+                "mpu_janitor_incomplete_upload_bytes",
+                labels(cluster, "b"),
+                f"{GIB if healthy else 150 * GIB}+0x480",
+            ),
+            series("mpu_janitor_policy_older_than_seconds", labels(cluster), f"{7 * day}+0x480"),
+            series(
+                "mpu_janitor_oldest_incomplete_upload_age_seconds",
+                labels(cluster, "b"),
+                f"{(1 if healthy else 15) * day}+0x480",
+            ),
+            series("mpu_janitor_eligible_uploads", labels(cluster, "b"), "3+0x480"),
+            series(
+                "mpu_janitor_policy_ready",
+                f'cluster="{cluster}", {TARGET}, namespace="media", policy="p", '
+                + ('reason="Swept"' if healthy else 'reason="StoreUnreachable"'),
+                "1+0x480" if healthy else "0+0x480",
+            ),
+        ]
+    eu = {"cluster": "eu", "namespace": "media", "policy": "p"}
+    expected = {
+        "MpuJanitorSweepsStale": {**eu, "store": "S3"},
+        "MpuJanitorAbortsFailing": {**eu, "store": "S3", "bucket": "b"},
+        "MpuJanitorIncompleteBytesHigh": {**eu, "store": "S3", "bucket": "b"},
+        "MpuJanitorEligibleUploadsPersist": {**eu, "store": "S3", "bucket": "b"},
+        "MpuJanitorPolicyNotReady": {**eu, "reason": "StoreUnreachable"},
+    }
+    tests = [{
+        "interval": "1m",
+        "input_series": inputs,
+        "alert_rule_test": [
+            {"eval_time": "7h30m", "alertname": name, "exp_alerts": [alert(name, **labels)]}
+            for name, labels in expected.items()
         ],
     }]  # fmt: skip
     result = promtool_test(tmp_path, tests)

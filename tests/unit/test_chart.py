@@ -81,6 +81,7 @@ ALERTS = {
     "MpuJanitorAbortsFailing",
     "MpuJanitorIncompleteBytesHigh",
     "MpuJanitorEligibleUploadsPersist",
+    "MpuJanitorPolicyNotReady",
     "MpuJanitorOperatorAbsent",
 }
 METRICS = {
@@ -103,14 +104,14 @@ METRICS = {
 }
 
 
-def helm_binary() -> Path:
-    candidates = [Path.home() / ".cache" / "mpu-janitor" / "bin" / "helm"]
+def helm_binary(name: str = "helm") -> Path:
+    candidates = [Path.home() / ".cache" / "mpu-janitor" / "bin" / name]
     if os.environ.get("MPU_JANITOR_BIN_DIR"):
-        candidates.insert(0, Path(os.environ["MPU_JANITOR_BIN_DIR"]) / "helm")
+        candidates.insert(0, Path(os.environ["MPU_JANITOR_BIN_DIR"]) / name)
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
-    pytest.fail(f"helm not found at {candidates}: run scripts/build-binaries.sh helm")
+    pytest.fail(f"{name} not found at {candidates}: run scripts/build-binaries.sh {name}")
 
 
 def helm(
@@ -236,9 +237,6 @@ def test_deployment_defaults(tmp_path: Path) -> None:
     assert "memory" in operator["resources"]["limits"]
     # The root filesystem is read-only: /tmp is a volume.
     assert {"name": "tmp", "mountPath": "/tmp"} in operator["volumeMounts"]
-    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
-        operator["env"]
-    )
     args = parsed_args(objects)
     assert args.command == "operator"
     assert args.all_namespaces is True and args.namespace == []
@@ -444,9 +442,12 @@ def test_every_feature_on(tmp_path: Path) -> None:
     dashboard = only(objects, "ConfigMap")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Storage"}
-    assert json.loads(dashboard["data"]["mpu-janitor.json"]) == json.loads(
-        (CHART / "dashboards" / "mpu-janitor.json").read_text()
-    )
+    shipped = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
+    assert json.loads(dashboard["data"]["mpu-janitor.json"]) == {
+        **shipped,
+        "uid": FULLNAME,
+        "title": f"mpu-janitor ({FULLNAME})",
+    }
 
 
 def test_monitoring_objects_only_when_enabled(tmp_path: Path) -> None:
@@ -487,7 +488,14 @@ def test_alerts_can_be_tuned_and_switched_off(tmp_path: Path) -> None:
     bytes_high = alerts["MpuJanitorIncompleteBytesHigh"]
     assert bytes_high["for"] == "2h" and "> 1000\n" in bytes_high["expr"]
     assert bytes_high["labels"] == {"severity": "critical", "team": "storage"}
-    assert "runbook_url" not in bytes_high["annotations"]
+    # Runbooks are on by default: the chart README's sections.
+    assert bytes_high["annotations"]["runbook_url"] == (
+        "https://github.com/mpu-janitor/mpu-janitor/blob/main/charts/mpu-janitor/README.md"
+        "#mpujanitorincompletebyteshigh"
+    )
+    objects = render(tmp_path, {"prometheusRule": {"enabled": True, "runbookBaseUrl": ""}})
+    for rule in only(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]:
+        assert "runbook_url" not in rule["annotations"], rule["alert"]
 
 
 def test_alerts_have_runbooks_in_the_readme() -> None:
@@ -524,10 +532,233 @@ def test_dashboard_shows_the_contract_panels() -> None:
 
 
 def test_the_crd_upgrade_path_is_documented() -> None:
-    """Helm never upgrades crds/: the README and the install notes say what to run instead."""
-    command = "kubectl apply --server-side --force-conflicts -f charts/mpu-janitor/crds/"
+    """Helm never upgrades crds/: the README and the install notes say what to run instead, in a
+    form that works from a chart repository or a packaged .tgz (no checkout needed)."""
+    command = "| kubectl apply --server-side --force-conflicts -f -"
     notes = (CHART / "templates" / "NOTES.txt").read_text()
     readme = (CHART / "README.md").read_text()
-    assert command in notes
+    assert "helm show crds" in notes and command in notes
+    assert "charts/mpu-janitor/crds" not in notes
     assert "## Upgrading the CRDs" in readme and "never upgrades" in readme
-    assert command in readme
+    section = readme[readme.index("## Upgrading the CRDs") :]
+    assert re.search(r"helm show crds \S+ --version \S+ \\?\s*" + re.escape(command), section)
+
+
+def test_kube_version_is_declared_and_checked(tmp_path: Path) -> None:
+    """The chart says which Kubernetes it needs (the CRD's CEL rules: 1.29), and helm refuses an
+    older one; without --kube-version helm assumes the Kubernetes its release was built for."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.29.0-0"
+    render(tmp_path)
+    error = render_error(tmp_path, {}, "--kube-version", "1.28.0")
+    assert "chart requires kubeVersion: >=1.29.0-0" in error
+    assert kinds(render(tmp_path, {}, "--kube-version", "1.29.3")).count("Deployment") == 1
+
+
+def test_grace_period_outlasts_the_operators_own_shutdown_waits(tmp_path: Path) -> None:
+    """On SIGTERM the scheduler waits for running sweeps, then for status writes: Kubernetes must
+    not kill the pod before those waits are over."""
+    stop = (ROOT / "operator" / "mpu_janitor" / "scheduler.py").read_text()
+    stop = stop[stop.index("async def stop(") :]
+    stop = stop[: stop.index("\n    def ") if "\n    def " in stop else None]
+    waits = [int(t) for t in re.findall(r"asyncio\.wait\([^)]*timeout=(\d+)\)", stop)]
+    assert waits, "the scheduler's shutdown waits were not found"
+    pod = only(render(tmp_path), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= sum(waits) + 15
+
+
+def test_pod_id_is_not_set_for_nothing(tmp_path: Path) -> None:
+    """The operator passes its own identity (host name and a random suffix) to Kopf, so a POD_ID
+    variable would be read by nobody."""
+    source = (ROOT / "operator" / "mpu_janitor" / "handlers.py").read_text()
+    assert '"identity": config.identity' in source
+    env = container(render(tmp_path)).get("env", [])
+    assert "POD_ID" not in {e["name"] for e in env}
+
+
+def test_disruption_budget_with_peering(tmp_path: Path) -> None:
+    assert "PodDisruptionBudget" not in kinds(render(tmp_path))
+    objects = render(tmp_path, {"replicaCount": 2, "peering": {"enabled": True}})
+    budget = only(objects, "PodDisruptionBudget")
+    deployment = only(objects, "Deployment")
+    assert budget["metadata"]["namespace"] == NAMESPACE
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert (
+        budget["spec"]["selector"]["matchLabels"] == (deployment["spec"]["selector"]["matchLabels"])
+    )
+    peering = {"replicaCount": 3, "peering": {"enabled": True}}
+    tuned = render(tmp_path, {**peering, "podDisruptionBudget": {"minAvailable": 2}})
+    assert only(tuned, "PodDisruptionBudget")["spec"] == {
+        "minAvailable": 2,
+        "selector": budget["spec"]["selector"],
+    }
+    off = render(tmp_path, {**peering, "podDisruptionBudget": {"enabled": False}})
+    assert "PodDisruptionBudget" not in kinds(off)
+
+
+def test_namespace_override_moves_every_namespaced_object(tmp_path: Path) -> None:
+    values = {
+        "namespaceOverride": "storage-ops",
+        "replicaCount": 2,
+        "peering": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+    }
+    objects = render(tmp_path, values)
+    for obj in objects:
+        if obj["kind"] in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
+            assert "namespace" not in obj["metadata"], obj["kind"]
+        else:
+            assert obj["metadata"]["namespace"] == "storage-ops", obj["kind"]
+    (subject,) = only(objects, "ClusterRoleBinding")["subjects"]
+    assert subject["namespace"] == "storage-ops"
+    monitor = only(objects, "ServiceMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["storage-ops"]}
+    rule = only(objects, "PrometheusRule")
+    absent = [r for r in rule["spec"]["groups"][0]["rules"] if r["alert"].endswith("Absent")]
+    assert 'namespace="storage-ops"' in absent[0]["expr"]
+
+
+def test_deployment_annotations(tmp_path: Path) -> None:
+    annotations = {"reloader.stakater.com/auto": "true"}
+    deployment = only(render(tmp_path, {"deploymentAnnotations": annotations}), "Deployment")
+    assert deployment["metadata"]["annotations"] == annotations
+    assert "annotations" not in only(render(tmp_path), "Deployment")["metadata"]
+
+
+def test_readme_values_table_is_generated_from_values_yaml() -> None:
+    """The README's values table is helm-docs' rendering of the `# --` comments: regenerating it
+    changes nothing, and every value has a description."""
+    result = subprocess.run(
+        [str(helm_binary("helm-docs")), "--chart-search-root", str(CHART), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    readme = (CHART / "README.md").read_text()
+    assert result.stdout == readme, (
+        "charts/mpu-janitor/README.md differs from what helm-docs generates from values.yaml "
+        "and README.md.gotmpl: run helm-docs --chart-search-root charts"
+    )
+    table = readme[readme.index("| Key | Type | Default | Description |") :]
+    rows = [line.split(" | ") for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) > 60
+    for key, _type, _default, description in rows:
+        assert description.strip(" |"), f"{key.strip('| ')} has no `# --` description"
+
+
+def test_dashboard_filters_by_cluster_and_job() -> None:
+    """In a Prometheus that holds several clusters or several operator releases, the dashboard
+    shows one cluster and one job at a time (or all of them)."""
+    dashboard = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names.index("cluster") < names.index("job") < names.index("namespace")
+    for name in ("cluster", "job"):
+        assert variables[name]["includeAll"] is True and variables[name]["allValue"] == ".*"
+    assert 'cluster=~"$cluster"' in variables["job"]["definition"]
+    assert 'job=~"$job"' in variables["namespace"]["definition"]
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for selector in re.findall(r"mpu_janitor_[a-z_]+\{([^}]*)\}", target["expr"]):
+                assert 'cluster=~"$cluster"' in selector, panel["title"]
+                assert 'job=~"$job"' in selector, panel["title"]
+
+
+def test_two_releases_have_two_dashboards(tmp_path: Path) -> None:
+    def dashboard(release: str, values: dict[str, Any]) -> dict[str, Any]:
+        result = helm(
+            "template", release, str(CHART), "--namespace", NAMESPACE,
+            values={"grafanaDashboard": {"enabled": True, **values}}, tmp_path=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (config,) = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "ConfigMap"]
+        parsed: dict[str, Any] = json.loads(config["data"]["mpu-janitor.json"])
+        return parsed
+
+    first, second = dashboard("mpu-janitor", {}), dashboard("janitor-eu", {})
+    assert first["uid"] == "mpu-janitor"
+    assert second["uid"] == "janitor-eu-mpu-janitor"
+    assert first["title"] != second["title"]
+    custom = dashboard("janitor-eu", {"uid": "storage-janitor", "title": "Storage janitor"})
+    assert (custom["uid"], custom["title"]) == ("storage-janitor", "Storage janitor")
+    shipped = json.loads((CHART / "dashboards" / "mpu-janitor.json").read_text())
+    assert {**custom, "uid": shipped["uid"], "title": shipped["title"]} == shipped
+
+
+def permission_blocks() -> dict[str, list[dict[str, Any]]]:
+    """The JSON policies of the README's "Permissions per store", by store heading."""
+    readme = (CHART / "README.md").read_text()
+    section = readme[readme.index("## Permissions per store") :]
+    section = section[: section.index("\n## ", 1)]
+    blocks: dict[str, list[dict[str, Any]]] = {}
+    for part in re.split(r"^### ", section, flags=re.M)[1:]:
+        heading = part.splitlines()[0]
+        blocks[heading] = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", part, re.S)]
+    return blocks
+
+
+def allowed_actions(document: dict[str, Any]) -> set[str]:
+    statements = document.get("Statement") or document.get("statement") or []
+    actions: set[str] = set()
+    for statement in statements:
+        found = statement.get("Action") or statement.get("action")
+        actions |= {found} if isinstance(found, str) else set(found)
+    return actions
+
+
+def test_readme_gives_least_privilege_policies_per_store() -> None:
+    """Each store's policy allows exactly the calls its store module makes, and parses."""
+    source = (ROOT / "operator" / "mpu_janitor" / "stores" / "s3.py").read_text()
+    # called, or passed on to be called (functools.partial(self._send, self.client.x, ...))
+    s3_calls = set(re.findall(r"client\.([a-z_]+)[(,]", source))
+    s3_calls |= set(re.findall(r'get_paginator\("([a-z_]+)"\)', source))
+    s3_calls -= {"close", "get_paginator"}
+    s3_permission = {
+        "list_buckets": "s3:ListAllMyBuckets",
+        "list_multipart_uploads": "s3:ListBucketMultipartUploads",
+        "list_parts": "s3:ListMultipartUploadParts",
+        "abort_multipart_upload": "s3:AbortMultipartUpload",
+        "head_object": "s3:GetObject",
+    }
+    assert s3_calls == set(s3_permission), "a new S3 call needs its permission in the README"
+    blocks = permission_blocks()
+    (aws,) = blocks["AWS S3 (general purpose buckets)"]
+    assert allowed_actions(aws) == set(s3_permission.values())
+    (express,) = blocks["AWS S3 directory buckets (S3 Express One Zone)"]
+    assert allowed_actions(express) == {"s3express:CreateSession"}
+    (minio,) = blocks["MinIO"]
+    assert allowed_actions(minio) == {
+        "s3:ListBucketMultipartUploads",
+        "s3:ListMultipartUploadParts",
+        "s3:AbortMultipartUpload",
+    }
+    glacier_source = (ROOT / "operator" / "mpu_janitor" / "stores" / "glacier.py").read_text()
+    glacier_calls = set(re.findall(r"client\.([a-z_]+)\(", glacier_source)) - {"close"}
+    (glacier,) = blocks["Amazon S3 Glacier vaults"]
+    assert allowed_actions(glacier) == {
+        "glacier:" + "".join(word.title() for word in call.split("_")) for call in glacier_calls
+    }
+    (compatible,) = blocks["Ceph RGW and Scality"]
+    assert "s3:GetObject" in allowed_actions(compatible)
+    (cos,) = blocks["Tencent COS"]
+    assert {"name/cos:ListMultipartUploads", "name/cos:AbortMultipartUpload"} <= (
+        allowed_actions(cos)
+    )
+    assert "LILT" in blocks
+
+
+def test_the_minio_example_can_act_before_minio_itself() -> None:
+    """MinIO aborts uploads older than 24h on its own: the example's age limit is below that,
+    and it says why."""
+    text = (ROOT / "examples" / "minio.yaml").read_text()
+    policy = yaml.safe_load(text)
+    older_than = policy["spec"]["match"]["olderThan"]
+    value, unit = int(older_than[:-1]), older_than[-1]
+    assert value * {"m": 1 / 60, "h": 1, "d": 24}[unit] < 24
+    assert "stale_uploads_expiry" in text
+    readme = (CHART / "README.md").read_text()
+    assert "MINIO_API_STALE_UPLOADS_EXPIRY" in readme

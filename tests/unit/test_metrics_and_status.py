@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import generate_latest
 
-from mpu_janitor.cli import Progress
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import parse_policy
+from mpu_janitor.progress import Progress
 from mpu_janitor.status import problem_status, ready_condition, sweep_status
 from mpu_janitor.sweep import BucketStats, SweepIssue, SweepResult
 
@@ -166,8 +166,10 @@ def test_progress_is_shown_on_a_terminal_only() -> None:
 
     running = result(**{"b-1": BucketStats(scanned=1500, eligible=3, aborted=2, freed_bytes=2048)})
     terminal = Terminal()
-    Progress(terminal)(running)
-    assert "1500 scanned, 3 eligible, 2 aborted, 2.0 KiB freed, 0 failed" in terminal.getvalue()
+    progress = Progress(terminal)
+    progress(running)
+    progress.finish()
+    assert "0 measured, 2 aborted, 2.0 KiB freed, " in terminal.getvalue()
     assert terminal.getvalue().startswith("\r")
     piped = io.StringIO()
     Progress(piped)(running)

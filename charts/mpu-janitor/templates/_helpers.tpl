@@ -23,6 +23,13 @@ it; at most 63 characters (some Kubernetes name fields are limited to that, by t
 {{- end }}
 
 {{/*
+The namespace of the release's namespaced objects: namespaceOverride, or the release namespace.
+*/}}
+{{- define "mpu-janitor.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride }}
+{{- end }}
+
+{{/*
 Chart name and version, as used by the chart label.
 */}}
 {{- define "mpu-janitor.chart" -}}
