@@ -81,11 +81,13 @@ class CountingProxy:
         self.upstream_host = urllib.parse.urlsplit(upstream).netloc
         self._lock = threading.Lock()
         self._requests: list[SeenRequest] = []
+        self._aborts = 0  # kept as they arrive: polling it must not slow the proxy's threads
         self._server: LoopbackServer | None = None
 
     def record(self, seen: SeenRequest) -> None:
         with self._lock:
             self._requests.append(seen)
+            self._aborts += seen.is_abort
 
     @property
     def requests(self) -> list[SeenRequest]:
@@ -94,7 +96,7 @@ class CountingProxy:
 
     def aborts(self) -> int:
         with self._lock:
-            return sum(1 for r in self._requests if r.is_abort)
+            return self._aborts
 
     def start(self) -> Self:
         handler: Any = type("Handler", (_Handler,), {"proxy": self})
