@@ -286,3 +286,17 @@ def test_sweep_time_is_the_stores_clock_not_ours() -> None:
         result = sweep(server, profile="Generic")
         assert result.summary()["aborted"] == 1
         assert datetime.now(UTC) - server.now() > timedelta(days=9)
+
+
+def test_no_date_header_means_no_age_and_no_quiet_period_judged() -> None:
+    """Without the store's clock nothing is judged on ours: the upload is skipped and counted."""
+    with vendor(send_date=False) as server:
+        upload = server.add_upload(BUCKET, "a", age=OLD)
+        store = open_store(policy_for(server, profile="Generic").store, KEYS)
+        page = next(iter(store.list_uploads(BUCKET, [])))
+        assert page.server_time is None
+        assert store.measure(page.uploads[0]).server_time is None
+        store.close()
+        summary = sweep(server, profile="Generic").summary()
+        assert (summary["aborted"], summary["skippedNoClock"]) == (0, 1)
+        assert server.open_uploads(BUCKET) == {upload.upload_id}

@@ -68,6 +68,7 @@ class VendorBehaviour:
     # The abort takes effect, then the answer is a 500 (a response lost on the way back):
     # botocore retries, and the retry finds the upload gone.
     abort_answer_lost: bool = False
+    send_date: bool = True  # a proxy that strips the Date header
 
 
 class VendorS3(FakeHTTPService):
@@ -160,8 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, operation: str, status: int, body: bytes = b"", **headers: str) -> None:
         self.fake.requests.append((operation, str(status)))
-        self.send_response(status)
-        self.send_header("Date", email.utils.format_datetime(self.fake.now(), usegmt=True))
+        self.send_response_only(status)  # send_response would add a Date of its own
+        if self.fake.behaviour.send_date:
+            self.send_header("Date", email.utils.format_datetime(self.fake.now(), usegmt=True))
         self.send_header("Content-Length", str(len(body)))
         if body:
             self.send_header("Content-Type", "application/xml")

@@ -355,7 +355,7 @@ class S3Store:
                     container=upload.container,
                 )
             marker = following
-        return PartsSummary(size, count, newest, now or datetime.now(UTC))
+        return PartsSummary(size, count, newest, now)  # no Date: no clock, never ours
 
     def _list_parts_page(self, params: dict[str, Any], container: str) -> dict[str, Any]:
         try:
