@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real components the tests and the demo run (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm, minio, promtool) from the Go module proxy, once per pinned version, into
+# kubectl, etcd, helm, minio, promtool, toxiproxy) from the Go module proxy, once per pinned version, into
 # ${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor/bin. Builds only what is missing; a failed build
 # exits non-zero (the tests never skip a missing binary).
 #
@@ -14,6 +14,8 @@ HELM_VERSION=v3.22.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 # Prometheus 3.15.0 (the module is tagged v0.<major><minor>.<patch>), for promtool.
 PROMETHEUS_VERSION=v0.315.0
+# toxiproxy's server, for the reliability tier (faults between the engine and MinIO).
+TOXIPROXY_VERSION=v2.5.0
 
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor"
 BIN_DIR="$CACHE_ROOT/bin"
@@ -33,6 +35,7 @@ bin_path() {
     helm) echo "$BIN_DIR/helm-$HELM_VERSION" ;;
     minio) echo "$BIN_DIR/minio-$MINIO_VERSION" ;;
     promtool) echo "$BIN_DIR/promtool-$PROMETHEUS_VERSION" ;;
+    toxiproxy) echo "$BIN_DIR/toxiproxy-$TOXIPROXY_VERSION" ;;
     *) log "unknown binary: $1"; exit 2 ;;
   esac
 }
@@ -195,8 +198,22 @@ GO
   )
 }
 
+# Only the server: the tests drive it through its HTTP API, not its CLI.
+build_toxiproxy() {
+  local out; out=$(bin_path toxiproxy)
+  lock_build "toxiproxy-$TOXIPROXY_VERSION"
+  [[ -x "$out" ]] && return 0
+  log "building toxiproxy $TOXIPROXY_VERSION"
+  local dir="$WORK_DIR/toxiproxy-$TOXIPROXY_VERSION"
+  mkdir -p "$dir"
+  GOBIN="$dir" go install -trimpath \
+    -ldflags "-s -w -X github.com/Shopify/toxiproxy/v2.Version=$TOXIPROXY_VERSION" \
+    "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION"
+  mv "$dir/server" "$out"
+}
+
 targets=("$@")
-((${#targets[@]})) || targets=(etcd minio helm promtool kube-apiserver kube-controller-manager kubectl)
+((${#targets[@]})) || targets=(etcd minio helm promtool toxiproxy kube-apiserver kube-controller-manager kubectl)
 need_kube=0
 for t in "${targets[@]}"; do
   case "$t" in
@@ -204,6 +221,7 @@ for t in "${targets[@]}"; do
     helm) build_helm ;;
     minio) build_minio ;;
     promtool) build_promtool ;;
+    toxiproxy) build_toxiproxy ;;
     kube-apiserver|kube-controller-manager|kubectl) need_kube=1 ;;
     *) log "unknown binary: $t"; exit 2 ;;
   esac
