@@ -41,7 +41,8 @@ bin_path() {
 }
 
 # One build of a component at a time (a test run may ask while another build runs): wait for the
-# other build, then look again at what is missing. The lock is released when the script exits.
+# other build, then look again at what is missing. The lock is released when the subshell that
+# runs the build exits (see the loop at the end).
 lock_build() {
   local fd
   exec {fd}>"$WORK_DIR/$1.lock"
@@ -215,18 +216,20 @@ build_toxiproxy() {
 targets=("$@")
 ((${#targets[@]})) || targets=(etcd minio helm promtool toxiproxy kube-apiserver kube-controller-manager kubectl)
 need_kube=0
+# Each build runs in a subshell, so its lock is released as soon as that component is built
+# (not when the whole script ends): a run asking for minio alone never waits for kubernetes.
 for t in "${targets[@]}"; do
   case "$t" in
-    etcd) build_etcd ;;
-    helm) build_helm ;;
-    minio) build_minio ;;
-    promtool) build_promtool ;;
-    toxiproxy) build_toxiproxy ;;
+    etcd) (build_etcd) ;;
+    helm) (build_helm) ;;
+    minio) (build_minio) ;;
+    promtool) (build_promtool) ;;
+    toxiproxy) (build_toxiproxy) ;;
     kube-apiserver|kube-controller-manager|kubectl) need_kube=1 ;;
     *) log "unknown binary: $t"; exit 2 ;;
   esac
 done
-((need_kube)) && build_kube
+if ((need_kube)); then (build_kube); fi
 # Stable names (symlinks to the pinned versions) for the fixtures and the demo.
 for t in "${targets[@]}"; do
   ln -sfn "$(basename "$(bin_path "$t")")" "$BIN_DIR/$t"
