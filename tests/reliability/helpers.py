@@ -306,4 +306,7 @@ def short(summary: dict[str, Any]) -> dict[str, Any]:
         "freedBytes",
         "reason",
     )
-    return {key: summary[key] for key in keys}
+    out = {key: summary[key] for key in keys}
+    if summary.get("errors"):
+        out["errors"] = [error["message"][:200] for error in summary["errors"][:5]]
+    return out
