@@ -11,6 +11,8 @@ fault, instead:
   connection without a byte of the answer (a response lost on the way back: the abort happened
   but the client cannot know).
 
+:meth:`FaultProxy.force` gives chosen requests a fault (also ``cut_body``: half the answer).
+
 Which request gets which fault is a pure function of the seed, the request (method, path and
 query) and how many times that same request was seen before, so a run is reproducible whatever
 order concurrent requests arrive in. Every request is counted per operation and outcome, and
@@ -36,6 +38,10 @@ from multidict import CIMultiDict
 from tests.support.controlplane import free_port
 
 FAULT_KINDS = ("slowdown", "internal", "drop_after")
+# Only on request (force): MinIO acts and answers; the client gets the status line, the headers
+# and half the body, then the connection closes (a response cut in the middle, as toxiproxy's
+# limit_data does, but on a chosen request).
+CUT_BODY = "cut_body"
 
 # The operations a sweep sends: listings, parts listings, aborts.
 SWEEP_OPERATIONS = frozenset({"ListMultipartUploads", "ListParts", "AbortMultipartUpload"})
@@ -114,7 +120,8 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
         self._seen: Counter[str] = Counter()
-        self._forced: list[list[Any]] = []  # [operation, key or None, kind, times left]
+        # [operation, key or None, kind, times left, matching requests still to let pass]
+        self._forced: list[list[Any]] = []
         self.counts: Counter[tuple[str, str]] = Counter()  # (operation, outcome)
         self.forwarded: list[Forwarded] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,14 +131,16 @@ class FaultProxy:
 
     # -- configuration, from the test's thread ------------------------------------------------
 
-    def force(self, operation: str, kind: str, times: int, *, key: str | None = None) -> None:
-        """The next ``times`` requests of ``operation`` (on ``key``, if given) get ``kind``,
-        whatever the fraction and even with faults off: a burst longer than a client's
-        retries."""
-        if kind not in FAULT_KINDS:
+    def force(
+        self, operation: str, kind: str, times: int, *, key: str | None = None, after: int = 0
+    ) -> None:
+        """After ``after`` requests of ``operation`` (on ``key``, if given) pass, the next
+        ``times`` get ``kind``, whatever the fraction and even with faults off: a burst longer
+        than a client's retries, or one chosen request."""
+        if kind not in (*FAULT_KINDS, CUT_BODY):
             raise ValueError(f"unknown fault kind: {kind}")
         with self._lock:
-            self._forced.append([operation, key, kind, times])
+            self._forced.append([operation, key, kind, times, after])
 
     def set_faults(self, enabled: bool) -> None:
         with self._lock:
@@ -213,6 +222,9 @@ class FaultProxy:
         with self._lock:
             for rule in self._forced:
                 if rule[0] == operation and rule[1] in (None, key) and rule[3] > 0:
+                    if rule[4] > 0:
+                        rule[4] -= 1
+                        continue
                     rule[3] -= 1
                     return str(rule[2])
             if not self.enabled or operation not in self.operations or not self.kinds:
@@ -272,11 +284,21 @@ class FaultProxy:
             key=key,
             upload_id=(query.get("uploadId") or [None])[0],
             status=status,
-            dropped=fault == "drop_after",
+            dropped=fault in ("drop_after", CUT_BODY),
         )
         self._count(operation, fault or "forwarded", record)
         if fault == "drop_after":
             # MinIO acted; the answer is lost: close the connection without a byte of it.
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            raise asyncio.CancelledError()
+        if fault == CUT_BODY:
+            cut = web.StreamResponse(status=status, headers=CIMultiDict(response_headers))
+            cut.content_length = len(content)
+            await cut.prepare(request)
+            await cut.write(content[: len(content) // 2])
+            await asyncio.sleep(0.05)  # let the partial answer leave before the close
             transport = request.transport
             if transport is not None:
                 transport.abort()
