@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real components the tests and the demo run (kube-apiserver, kube-controller-manager,
-# kubectl, etcd, helm, helm-docs, minio, promtool) from the Go module proxy, once per pinned version, into
+# kubectl, etcd, helm, helm-docs, minio, promtool, toxiproxy) from the Go module proxy, once per
+# pinned version, into
 # ${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor/bin. Builds only what is missing; a failed build
 # exits non-zero (the tests never skip a missing binary).
 #
@@ -18,6 +19,8 @@ HELM_DOCS_VERSION=v1.14.2
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 # Prometheus 3.15.0 (the module is tagged v0.<major><minor>.<patch>), for promtool.
 PROMETHEUS_VERSION=v0.315.0
+# toxiproxy's server, for the reliability tier (faults between the engine and MinIO).
+TOXIPROXY_VERSION=v2.5.0
 
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor"
 BIN_DIR="$CACHE_ROOT/bin"
@@ -38,12 +41,14 @@ bin_path() {
     helm-docs) echo "$BIN_DIR/helm-docs-$HELM_DOCS_VERSION" ;;
     minio) echo "$BIN_DIR/minio-$MINIO_VERSION" ;;
     promtool) echo "$BIN_DIR/promtool-$PROMETHEUS_VERSION" ;;
+    toxiproxy) echo "$BIN_DIR/toxiproxy-$TOXIPROXY_VERSION" ;;
     *) log "unknown binary: $1"; exit 2 ;;
   esac
 }
 
 # One build of a component at a time (a test run may ask while another build runs): wait for the
-# other build, then look again at what is missing. The lock is released when the script exits.
+# other build, then look again at what is missing. The lock is released when the subshell that
+# runs the build exits (see the loop at the end).
 lock_build() {
   local fd
   exec {fd}>"$WORK_DIR/$1.lock"
@@ -229,21 +234,38 @@ GO
   )
 }
 
+# Only the server: the tests drive it through its HTTP API, not its CLI.
+build_toxiproxy() {
+  local out; out=$(bin_path toxiproxy)
+  lock_build "toxiproxy-$TOXIPROXY_VERSION"
+  [[ -x "$out" ]] && return 0
+  log "building toxiproxy $TOXIPROXY_VERSION"
+  local dir="$WORK_DIR/toxiproxy-$TOXIPROXY_VERSION"
+  mkdir -p "$dir"
+  GOBIN="$dir" go install -trimpath \
+    -ldflags "-s -w -X github.com/Shopify/toxiproxy/v2.Version=$TOXIPROXY_VERSION" \
+    "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION"
+  mv "$dir/server" "$out"
+}
+
 targets=("$@")
-((${#targets[@]})) || targets=(etcd minio helm helm-docs promtool kube-apiserver kube-controller-manager kubectl)
+((${#targets[@]})) || targets=(etcd minio helm helm-docs promtool toxiproxy kube-apiserver kube-controller-manager kubectl)
 need_kube=0
+# Each build runs in a subshell, so its lock is released as soon as that component is built
+# (not when the whole script ends): a run asking for minio alone never waits for kubernetes.
 for t in "${targets[@]}"; do
   case "$t" in
-    etcd) build_etcd ;;
-    helm) build_helm ;;
-    helm-docs) build_helm_docs ;;
-    minio) build_minio ;;
-    promtool) build_promtool ;;
+    etcd) (build_etcd) ;;
+    helm) (build_helm) ;;
+    helm-docs) (build_helm_docs) ;;
+    minio) (build_minio) ;;
+    promtool) (build_promtool) ;;
+    toxiproxy) (build_toxiproxy) ;;
     kube-apiserver|kube-controller-manager|kubectl) need_kube=1 ;;
     *) log "unknown binary: $t"; exit 2 ;;
   esac
 done
-((need_kube)) && build_kube
+if ((need_kube)); then (build_kube); fi
 # Stable names (symlinks to the pinned versions) for the fixtures and the demo.
 for t in "${targets[@]}"; do
   ln -sfn "$(basename "$(bin_path "$t")")" "$BIN_DIR/$t"
