@@ -27,6 +27,8 @@ from mpu_janitor.stores.base import (
     PartsSummary,
     Store,
     StoreError,
+    StoreUnreachable,
+    Throttled,
     Upload,
     UploadGone,
     UploadReplaced,
@@ -41,6 +43,12 @@ VERIFY_BACKOFF_SECONDS = 0.5  # doubled each round: the stores say an abort may 
 MAX_ISSUES = 20  # status stays small: keep the first few messages, count the rest
 # Issues that report the safety rules at work, not a failure: they leave the sweep Ready.
 NOTICE_REASONS = frozenset({"ObjectAtKey", "ObjectCheckFailed"})
+
+
+def inconclusive(error: StoreError) -> bool:
+    """A verifying listing that failed without a refusal (no answer, a server error, a cut or
+    unreadable answer): it proves neither that the upload is gone nor that it is there."""
+    return type(error) in (StoreError, StoreUnreachable, Throttled)
 
 
 @dataclass
@@ -399,8 +407,15 @@ class _Sweep:
 
     def _abort_and_verify(self, upload: Upload, size: int) -> bool:
         """Abort, then prove it with a parts listing; True once the upload is gone. A stop
-        order prevents every new abort, never the verification of one already sent."""
+        order prevents every new abort, never the verification of one already sent.
+
+        An abort that got no answer (connection dropped or timed out after the client's
+        retries) may still have been carried out, and a verifying listing that fails without a
+        refusal proves nothing either way: both go to the next round (listing, then abort again), so
+        an abort the store carried out is counted once it is seen gone, and an upload still
+        listed after every round is counted failed (the next sweep tries again)."""
         container = upload.container
+        last_error: StoreError | None = None
         for attempt in range(ABORT_ATTEMPTS):
             try:
                 self.pace(lambda: self.store.abort(upload))
@@ -422,21 +437,37 @@ class _Sweep:
                     stats.protected += 1
                 self.issue(refused.reason, str(refused), container)
                 return False
+            except StoreUnreachable as error:
+                last_error = error
+                log.info("abort of %s got no usable answer (%s); verifying", upload.key, error)
             try:
                 self.store.measure(upload, self.finishing_pace)
             except UploadGone:
                 self._freed(upload, size)
                 return True
-            # Parts still listed: a part upload in flight may have landed; abort again.
-            log.info("parts still listed after abort of %s; repeating", upload.key)
+            except StoreError as error:
+                if not inconclusive(error):
+                    raise
+                last_error = error
+                log.info("verifying listing of %s failed (%s); repeating", upload.key, error)
+            else:
+                # Parts still listed: a part upload in flight may have landed; abort again.
+                log.info("parts still listed after abort of %s; repeating", upload.key)
             self.pacer.sleep(VERIFY_BACKOFF_SECONDS * 2**attempt)
         with self.counting(container) as stats:
             stats.failed += 1
-        self.issue(
-            "AbortNotVerified",
-            f"{upload.key}: parts still listed after {ABORT_ATTEMPTS} aborts",
-            container,
-        )
+        if last_error is not None:
+            self.issue(
+                last_error.reason,
+                f"{upload.key}: abort not verified after {ABORT_ATTEMPTS} rounds: {last_error}",
+                container,
+            )
+        else:
+            self.issue(
+                "AbortNotVerified",
+                f"{upload.key}: parts still listed after {ABORT_ATTEMPTS} aborts",
+                container,
+            )
         return False
 
     def _freed(self, upload: Upload, size: int) -> None:

@@ -300,3 +300,16 @@ def test_no_date_header_means_no_age_and_no_quiet_period_judged() -> None:
         summary = sweep(server, profile="Generic").summary()
         assert (summary["aborted"], summary["skippedNoClock"]) == (0, 1)
         assert server.open_uploads(BUCKET) == {upload.upload_id}
+
+
+@pytest.mark.parametrize("operation", ["ListParts", "ListMultipartUploads"])
+def test_an_answer_cut_after_its_headers_is_never_read_as_empty(operation: str) -> None:
+    """botocore does not enforce Content-Length and reads an empty 200 body as "no parts" or
+    "no uploads": a cut answer must be an error (retried), never a short count."""
+    with vendor(cut_after_headers={operation: 1}) as server:
+        server.add_upload(BUCKET, "a", age=OLD, part_sizes=[700, 300])
+        server.add_upload(BUCKET, "b", age=OLD, part_sizes=[24])
+        summary = sweep(server, profile="Generic").summary()
+        assert server.open_uploads(BUCKET) == set()
+        assert (summary["aborted"], summary["freedBytes"]) == (2, 1024)
+        assert server.count(operation) >= 2  # the cut answer was asked again

@@ -16,7 +16,7 @@ import email.utils
 import secrets
 import threading
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal
@@ -69,6 +69,9 @@ class VendorBehaviour:
     # botocore retries, and the retry finds the upload gone.
     abort_answer_lost: bool = False
     send_date: bool = True  # a proxy that strips the Date header
+    # The next N answers of this operation are cut right after their headers (a connection
+    # closed mid-answer): the Content-Length promises a body that never comes.
+    cut_after_headers: dict[str, int] = field(default_factory=dict)
 
 
 class VendorS3(FakeHTTPService):
@@ -170,6 +173,11 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name.replace("_", "-"), value)
         self.end_headers()
+        cuts = self.fake.behaviour.cut_after_headers
+        if body and cuts.get(operation, 0) > 0:
+            cuts[operation] -= 1
+            self.close_connection = True
+            return
         if body and self.command != "HEAD":
             self.wfile.write(body)
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 4
 
 CONNECTION_ERRORS = (
+    botocore.exceptions.IncompleteReadError,  # an answer cut short (refuse_cut_answers)
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectTimeoutError,
     botocore.exceptions.ReadTimeoutError,
@@ -82,6 +83,7 @@ def make_client(
         timestamp_parser=parse_store_timestamp
     )
     client = session.client(service, endpoint_url=endpoint, config=config)
+    client.meta.events.register(f"before-parse.{service}", refuse_cut_answers)
     if service == "s3":
         client.meta.events.register("before-parse.s3", lowercase_xml_booleans)
 
@@ -101,6 +103,25 @@ def make_client(
 
     client.meta.events.register(f"response-received.{service}", on_response)
     return client
+
+
+def refuse_cut_answers(
+    response_dict: dict[str, Any] | None = None, operation_model: Any = None, **_: Any
+) -> None:
+    """botocore reads answers without enforcing Content-Length, and parses an empty body as
+    an empty result: a ListParts or listing answer cut right after its headers would read as
+    "no parts" or "no more uploads". An answer shorter (or longer) than it said is a
+    connection failure, never a short count."""
+    if not response_dict or (operation_model and operation_model.http.get("method") == "HEAD"):
+        return
+    body = response_dict.get("body")
+    length = (response_dict.get("headers") or {}).get("content-length")
+    if not isinstance(body, bytes) or length is None or not str(length).isdigit():
+        return
+    if len(body) != int(length):
+        raise botocore.exceptions.IncompleteReadError(
+            actual_bytes=len(body), expected_bytes=int(length)
+        )
 
 
 def parse_store_timestamp(value: Any) -> datetime:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -101,6 +102,23 @@ def minimal_prefixes(prefixes: Sequence[str]) -> list[str]:
         if not kept or not prefix.startswith(kept[-1]):
             kept.append(prefix)
     return kept
+
+
+CUT_ANSWER_RETRIES = 4
+
+
+def read_whole(call: Any, params: dict[str, Any]) -> Any:
+    """A read (listing page) asked again when its answer was cut short (stores/aws.py
+    ``refuse_cut_answers``; botocore does not retry those itself). Reads only: an abort whose
+    answer was cut goes to the engine, which verifies it."""
+    for attempt in range(CUT_ANSWER_RETRIES + 1):
+        try:
+            return call(**params)
+        except botocore.exceptions.IncompleteReadError:
+            if attempt == CUT_ANSWER_RETRIES:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _retried(error: Exception) -> bool:
@@ -313,7 +331,7 @@ class S3Store:
     def _send(call: Any, params: dict[str, Any], container: str) -> dict[str, Any]:
         """One request, its failure in the engine's vocabulary (so ``pace`` sees Throttled)."""
         try:
-            response: dict[str, Any] = call(**params)
+            response: dict[str, Any] = read_whole(call, params)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
             raise translate_error(error, container) from error
         return response
@@ -359,7 +377,7 @@ class S3Store:
 
     def _list_parts_page(self, params: dict[str, Any], container: str) -> dict[str, Any]:
         try:
-            response: dict[str, Any] = self.client.list_parts(**params)
+            response: dict[str, Any] = read_whole(self.client.list_parts, params)
         except botocore.exceptions.ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             if code in self.profile.list_parts_gone_codes:
