@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
@@ -189,9 +189,11 @@ async def start_http(
 ) -> web.AppRunner:
     registry = new_registry(metrics)
 
-    async def metrics_view(_: web.Request) -> web.Response:
-        payload = await asyncio.to_thread(generate_latest, registry)
-        return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_view(request: web.Request) -> web.Response:
+        # OpenMetrics when the scraper asks for it (Prometheus does), text format otherwise.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        payload = await asyncio.to_thread(encoder, registry)
+        return web.Response(body=payload, headers={"Content-Type": content_type})
 
     async def health_view(_: web.Request) -> web.Response:
         stale = time.monotonic() - scheduler.last_tick

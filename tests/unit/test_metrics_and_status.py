@@ -22,6 +22,23 @@ def result(**buckets: BucketStats) -> SweepResult:
     )
 
 
+def known_state() -> MetricsState:
+    """Metrics that know the policy media/stale (series exist only for policies seen)."""
+    state = MetricsState()
+    state.register_policy(
+        parse_policy(
+            {
+                "metadata": {"name": "stale", "namespace": "media"},
+                "spec": {
+                    "store": {"type": "S3", "s3": {"bucketPattern": "*"}},
+                    "match": {"olderThan": "1d"},
+                },
+            }
+        )
+    )
+    return state
+
+
 def scrape(state: MetricsState) -> str:
     return generate_latest(new_registry(state)).decode()
 
@@ -80,7 +97,7 @@ def test_series_from_a_sweep_and_their_removal() -> None:
 
 
 def test_gauges_of_a_bucket_no_longer_covered_disappear() -> None:
-    state = MetricsState()
+    state = known_state()
     state.record_sweep(result(**{"old-1": BucketStats(incomplete_bytes=5, listed=True)}))
     state.record_sweep(result(**{"new-1": BucketStats(incomplete_bytes=7, listed=True)}))
     text = scrape(state)
@@ -89,7 +106,7 @@ def test_gauges_of_a_bucket_no_longer_covered_disappear() -> None:
 
 
 def test_dry_run_gauges_show_what_would_be_freed() -> None:
-    state = MetricsState()
+    state = known_state()
     dry = result(
         **{
             "b-1": BucketStats(
@@ -109,7 +126,7 @@ def test_dry_run_gauges_show_what_would_be_freed() -> None:
 
 
 def test_failed_sweep_does_not_move_last_success() -> None:
-    state = MetricsState()
+    state = known_state()
     failed = result(**{"b-1": BucketStats(failed=1, listed=True)})
     failed.issues.append(SweepIssue("AccessDenied", "denied", "b-1"))
     failed.errors_by_reason["AccessDenied"] += 1
@@ -192,10 +209,18 @@ def test_the_chart_uses_only_metrics_the_operator_exports() -> None:
             }
         )
     )
-    sweep = result(**{"b-1": BucketStats(listed=True)})
+    sweep = SweepResult(
+        "n",
+        "p",
+        "S3",
+        False,
+        START,
+        START + timedelta(seconds=3),
+        buckets={"b-1": BucketStats(listed=True)},
+    )
     sweep.errors_by_reason["Throttled"] += 1
     state.record_sweep(sweep)
-    state.count_request(("media", "stale"), "S3", "ListParts", "200")
+    state.count_request(("n", "p"), "S3", "ListParts", "200")
     exported = set(re.findall(r"^(mpu_janitor_[a-z_]+)[{ ]", scrape(state), re.MULTILINE))
     dashboard = json.loads((chart / "dashboards" / "mpu-janitor.json").read_text())
     expressions = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
@@ -203,3 +228,67 @@ def test_the_chart_uses_only_metrics_the_operator_exports() -> None:
     used = set(re.findall(r"mpu_janitor_[a-z_]+", expressions))
     assert used, "no metric found in the dashboard and rules"
     assert used <= exported, used - exported
+
+
+def test_a_deleted_policys_series_never_come_back() -> None:
+    state = known_state()
+    observer = state.request_observer(("media", "stale"), "S3")
+    state.forget(("media", "stale"))
+    # A sweep still in flight when the policy was deleted reports afterwards.
+    observer("ListMultipartUploads", "200")
+    state.count_error(("media", "stale"), "S3", "Throttled")
+    state.record_sweep(result(**{"b-1": BucketStats(aborted=1, freed_bytes=5, listed=True)}))
+    assert 'policy="stale"' not in scrape(state)
+
+
+def test_counters_start_at_zero_for_every_covered_bucket() -> None:
+    state = MetricsState()
+    state.register_policy(
+        parse_policy(
+            {
+                "metadata": {"name": "stale", "namespace": "media"},
+                "spec": {
+                    "store": {"type": "S3", "s3": {"buckets": ["a-1", "b-1"]}},
+                    "match": {"olderThan": "7d"},
+                },
+            }
+        )
+    )
+    text = scrape(state)
+    for bucket in ("a-1", "b-1"):
+        assert (
+            f'mpu_janitor_freed_bytes_total{{bucket="{bucket}",namespace="media",'
+            f'policy="stale",store="S3"}} 0.0'
+        ) in text
+        assert (
+            f'mpu_janitor_aborted_uploads_total{{bucket="{bucket}",namespace="media",'
+            f'policy="stale",result="aborted",store="S3"}} 0.0'
+        ) in text
+    assert (
+        'mpu_janitor_sweep_errors_total{namespace="media",policy="stale",'
+        'reason="AccessDenied",store="S3"} 0.0'
+    ) in text
+    assert "process_start_time_seconds" in text or "python_gc_objects_collected_total" in text
+
+
+async def test_metrics_speak_openmetrics_when_asked() -> None:
+    import aiohttp
+
+    from mpu_janitor.handlers import OperatorConfig, start_http
+
+    class Ticking:
+        last_tick = 0.0
+
+    config = OperatorConfig(metrics_address="127.0.0.1", metrics_port=0)
+    runner = await start_http(config, known_state(), Ticking())  # type: ignore[arg-type]
+    try:
+        url = f"http://127.0.0.1:{config.bound_port}/metrics"
+        async with aiohttp.ClientSession() as session:
+            accept = "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            async with session.get(url, headers={"Accept": accept}) as response:
+                assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+                assert (await response.text()).endswith("# EOF\n")
+            async with session.get(url) as response:
+                assert response.headers["Content-Type"].startswith("text/plain")
+    finally:
+        await runner.cleanup()

@@ -5,20 +5,44 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from mpu_janitor.metrics import MetricsState
+import aiohttp
+import pytest
+from prometheus_client import generate_latest
+
+from mpu_janitor import scheduler as scheduler_module
+from mpu_janitor.kube import KubeError, NotFound
+from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.scheduler import SWEEP_NOW_ANNOTATION, Scheduler
+from mpu_janitor.sweep import SweepResult
 
 
 class RecordingKube:
+    """Status patches and Secrets; ``fail_patches`` makes the next patches fail like an
+    API server that is briefly unreachable."""
+
     def __init__(self) -> None:
         self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.secrets: dict[str, Mapping[str, Any]] = {}
+        self.secret_error: Exception | None = None
+        self.fail_patches = 0
 
     async def patch_policy_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None:
+        if self.fail_patches:
+            self.fail_patches -= 1
+            raise KubeError(503, "the server is currently unable to handle the request")
         self.patches.append((name, dict(status)))
+
+    async def get_secret(self, namespace: str, name: str) -> Mapping[str, Any]:
+        if self.secret_error is not None:
+            raise self.secret_error
+        if name not in self.secrets:
+            raise NotFound(404, f'secrets "{name}" not found')
+        return self.secrets[name]
 
 
 def body(
@@ -46,9 +70,43 @@ async def scheduler() -> tuple[Scheduler, RecordingKube, list[tuple[str, str]]]:
 
     async def post(obj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         events.append((reason, message))
+        kinds.append(kind)
+
+    kinds: list[str] = []
 
     sched = Scheduler(kube, MetricsState(), post, lilt_inventory_dir="/srv/lilt")  # type: ignore[arg-type]
+    sched.event_kinds = kinds  # type: ignore[attr-defined]
     return sched, kube, events
+
+
+def condition(status: Mapping[str, Any], kind: str = "Ready") -> dict[str, Any]:
+    for item in status.get("conditions") or []:
+        if item.get("type") == kind:
+            return dict(item)
+    return {}
+
+
+def last_status(kube: RecordingKube, name: str) -> dict[str, Any]:
+    """What the policy's status is after every patch so far (merge patches, in order)."""
+    merged: dict[str, Any] = {}
+    for patched, status in kube.patches:
+        if patched == name:
+            merged.update(status)
+    return merged
+
+
+def metrics_text(sched: Scheduler) -> str:
+    return generate_latest(new_registry(sched.metrics)).decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the one series of ``name`` whose labels include ``labels``."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 async def settle(sched: Scheduler) -> None:
@@ -162,3 +220,130 @@ async def test_a_standby_replica_neither_sweeps_nor_spins() -> None:
     assert entry.task is None  # never swept
     assert entry.due is not None  # still due, for when this replica becomes the active one
     assert len(asked) == 1  # one look, then a pause instead of a busy loop
+
+
+# -- every failure surfaced: status, a Warning Event and a metric -----------------------------
+
+
+async def sweep_now(sched: Scheduler, name: str) -> None:
+    """Run the policy's sweep the way the loop does, and wait for its reports."""
+    entry = sched.entries[("ns", name)]
+    await sched._sweep(entry)
+    await settle(sched)
+
+
+async def test_a_store_that_cannot_be_opened_is_surfaced_everywhere() -> None:
+    sched, kube, events = await scheduler()
+    spec = {**S3, "store": {"type": "S3", "s3": {"region": "us east 1", "buckets": ["b-1"]}}}
+    sched.upsert(body("bad-region", spec))
+    await sweep_now(sched, "bad-region")
+    status = last_status(kube, "bad-region")
+    ready = condition(status)
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "us east 1" in ready["message"]
+    assert condition(status, "Stalled")["status"] == "True"
+    assert ("InvalidSpec", ready["message"]) in events
+    assert "Warning" in sched.event_kinds  # type: ignore[attr-defined]
+    text = metrics_text(sched)
+    assert (
+        sample(text, "mpu_janitor_sweep_errors_total", policy="bad-region", reason="InvalidSpec")
+        == 1
+    )
+    assert sample(text, "mpu_janitor_policy_ready", policy="bad-region", reason="InvalidSpec") == 0
+
+
+async def test_an_unexpected_error_in_a_sweep_is_surfaced_everywhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def explode(*_: Any, **__: Any) -> SweepResult:
+        raise RuntimeError("the engine tripped")
+
+    monkeypatch.setattr(scheduler_module, "run_sweep", explode)
+    sched, kube, events = await scheduler()
+    sched.upsert(body("p", S3))
+    await sweep_now(sched, "p")
+    ready = condition(last_status(kube, "p"))
+    assert (ready["status"], ready["reason"]) == ("False", "InternalError")
+    assert "the engine tripped" in ready["message"]
+    assert [reason for reason, _ in events][-1] == "InternalError"
+    text = metrics_text(sched)
+    assert sample(text, "mpu_janitor_sweep_errors_total", policy="p", reason="InternalError") == 1
+    assert sched.entries[("ns", "p")].due is not None  # tried again later
+
+
+async def test_a_missing_secret_is_stalled_and_announced_once() -> None:
+    sched, kube, events = await scheduler()
+    sched.upsert(
+        body("p", {**S3, "store": {**S3["store"], "credentialsSecretRef": {"name": "gone"}}})
+    )
+    await sweep_now(sched, "p")
+    await sweep_now(sched, "p")  # the retry a minute later finds it still missing
+    status = last_status(kube, "p")
+    assert condition(status)["reason"] == "CredentialsNotFound"
+    assert condition(status, "Stalled")["status"] == "True"
+    assert [reason for reason, _ in events].count("CredentialsNotFound") == 1
+    text = metrics_text(sched)
+    assert (
+        sample(text, "mpu_janitor_sweep_errors_total", policy="p", reason="CredentialsNotFound")
+        == 2
+    )
+    assert sample(text, "mpu_janitor_policy_ready", policy="p", reason="CredentialsNotFound") == 0
+
+
+async def test_an_unreadable_secret_is_surfaced_not_only_logged() -> None:
+    sched, kube, events = await scheduler()
+    kube.secret_error = KubeError(500, "etcdserver: request timed out")
+    sched.upsert(body("p", {**S3, "store": {**S3["store"], "credentialsSecretRef": {"name": "c"}}}))
+    await sweep_now(sched, "p")
+    ready = condition(last_status(kube, "p"))
+    assert (ready["status"], ready["reason"]) == ("False", "CredentialsUnreadable")
+    assert "etcdserver" in ready["message"]
+    assert events and events[-1][0] == "CredentialsUnreadable"
+    assert not condition(last_status(kube, "p"), "Stalled")  # transient: not stalled
+    text = metrics_text(sched)
+    assert (
+        sample(text, "mpu_janitor_sweep_errors_total", policy="p", reason="CredentialsUnreadable")
+        == 1
+    )
+
+
+async def test_an_invalid_policy_has_series_from_the_moment_it_is_seen() -> None:
+    sched, kube, _ = await scheduler()
+    sched.upsert(body("bad", {**S3, "match": {"olderThan": "soon"}}))
+    text = metrics_text(sched)
+    assert sample(text, "mpu_janitor_policy_ready", policy="bad", reason="InvalidSpec") == 0
+    assert sample(text, "mpu_janitor_sweep_errors_total", policy="bad", reason="InvalidSpec") == 1
+    await settle(sched)
+    assert condition(last_status(kube, "bad"), "Stalled")["status"] == "True"
+
+
+async def test_the_loop_survives_a_dropped_connection_in_the_peering_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    swept: list[str] = []
+
+    def fake_sweep(policy: Any, store: Any, **_: Any) -> SweepResult:
+        swept.append(policy.name)
+        return SweepResult("ns", policy.name, "S3", False, datetime.now(UTC), datetime.now(UTC))
+
+    monkeypatch.setattr(scheduler_module, "run_sweep", fake_sweep)
+    asked: list[int] = []
+
+    async def flaky() -> bool:
+        asked.append(1)
+        if len(asked) == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return True
+
+    sched, _, _ = await scheduler()
+    sched.is_active = flaky
+    monkeypatch.setattr(scheduler_module, "STANDBY_RECHECK_SECONDS", 0.05)
+    sched.upsert(body("p", S3))
+    sched.start()
+    for _ in range(100):
+        if swept:
+            break
+        await asyncio.sleep(0.05)
+    loop_alive = sched._loop_task is not None and not sched._loop_task.done()
+    await sched.stop()
+    assert loop_alive and swept == ["p"]
