@@ -428,7 +428,7 @@ class Scheduler:
         return await loop.run_in_executor(self.pool, functools.partial(blocking))
 
     def _checkpoint(self, entry: PolicyEntry, policy: Policy, checkpoint: dict[str, Any]) -> None:
-        if not entry.deleted and entry.sweeping and entry.policy is policy:
+        if not entry.deleted and entry.policy is policy:  # FIFO: always before the result
             self._write(entry, checkpoint)
 
     def _reschedule(self, entry: PolicyEntry, after: timedelta) -> datetime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -347,3 +348,225 @@ async def test_the_loop_survives_a_dropped_connection_in_the_peering_check(
     loop_alive = sched._loop_task is not None and not sched._loop_task.done()
     await sched.stop()
     assert loop_alive and swept == ["p"]
+
+
+# -- conditions, events, and nothing lost -----------------------------------------------------
+
+
+def fake_result(policy: Any, freed: int = 0, **kwargs: Any) -> SweepResult:
+    from mpu_janitor.sweep import BucketStats
+
+    now = datetime.now(UTC)
+    stats = BucketStats(listed=True, aborted=1 if freed else 0, freed_bytes=freed)
+    return SweepResult("ns", policy.name, "S3", False, now, now, buckets={"b-1": stats}, **kwargs)
+
+
+async def test_first_sight_and_each_spec_change_read_sweeping() -> None:
+    sched, kube, events = await scheduler()
+    sched.upsert(body("p", S3))
+    await settle(sched)
+    ready = condition(last_status(kube, "p"))
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
+        "Unknown",
+        "Sweeping",
+        1,
+    )
+    sched.upsert(body("p", {**S3, "match": {"olderThan": "2d"}}, generation=2))
+    await settle(sched)
+    status = last_status(kube, "p")
+    assert condition(status)["reason"] == "Sweeping"
+    assert status["observedGeneration"] == condition(status)["observedGeneration"] == 2
+    assert events == []  # Sweeping is no news
+
+
+async def test_suspended_says_so_without_reading_broken() -> None:
+    sched, kube, _ = await scheduler()
+    sched.upsert(body("p", {**S3, "suspend": True}))
+    await settle(sched)
+    status = last_status(kube, "p")
+    assert (condition(status)["status"], condition(status)["reason"]) == ("True", "Suspended")
+    assert not condition(status, "Stalled")
+    text = metrics_text(sched)
+    assert sample(text, "mpu_janitor_policy_ready", policy="p", reason="Suspended") == 1
+
+
+async def test_events_on_change_not_a_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    freed = [0, 0, 10, 0]
+    monkeypatch.setattr(
+        scheduler_module, "run_sweep", lambda policy, store, **_: fake_result(policy, freed.pop(0))
+    )
+    sched, kube, events = await scheduler()
+    sched.upsert(body("p", S3))
+    for _ in range(4):
+        await sweep_now(sched, "p")
+    # Ready changed on the first sweep, the third aborted something; the others are silent.
+    assert [reason for reason, _ in events] == ["SweepSucceeded", "SweepSucceeded"]
+    status = last_status(kube, "p")
+    assert status["lastSuccessfulSweepTime"] == status["lastSweep"]["completionTime"]
+
+
+async def test_a_long_sweep_checkpoints_its_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def sweep(policy: Any, store: Any, *, progress: Any, **_: Any) -> SweepResult:
+        partial = fake_result(policy, 40)
+        partial.finished = None
+        progress(partial)
+        time.sleep(0.2)  # the checkpoint reaches the API while the sweep goes on
+        seen.extend(p for _, p in kube.patches)
+        return fake_result(policy, 100)
+
+    monkeypatch.setattr(scheduler_module, "run_sweep", sweep)
+    monkeypatch.setattr(scheduler_module, "PROGRESS_SECONDS", 0.0)
+    sched, kube, _ = await scheduler()
+    sched.upsert(body("p", S3))
+    await sweep_now(sched, "p")
+    checkpoints = [p for p in seen if "lastSweep" in p]
+    assert checkpoints and checkpoints[0]["totals"] == {"abortedUploads": 1, "freedBytes": 40}
+    assert checkpoints[0]["lastSweep"]["completionTime"] is None
+    assert last_status(kube, "p")["totals"] == {"abortedUploads": 1, "freedBytes": 100}
+
+
+async def test_a_failed_status_patch_is_retried_and_its_totals_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    freed = [100, 50]
+    monkeypatch.setattr(
+        scheduler_module, "run_sweep", lambda policy, store, **_: fake_result(policy, freed.pop(0))
+    )
+    sched, kube, _ = await scheduler()
+    sched.upsert(body("p", S3))
+    await settle(sched)
+    sched.entries[("ns", "p")].writer.retry_delays = (0.01,)
+    kube.fail_patches = 2
+    await sweep_now(sched, "p")
+    assert last_status(kube, "p")["totals"] == {"abortedUploads": 1, "freedBytes": 100}
+    await sweep_now(sched, "p")
+    assert last_status(kube, "p")["totals"] == {"abortedUploads": 2, "freedBytes": 150}
+
+
+async def test_a_standby_adopts_the_status_its_peer_writes() -> None:
+    sched, _, _ = await scheduler()
+    first = body("p", S3)
+    first["status"] = {"observedGeneration": 1, "totals": {"abortedUploads": 1, "freedBytes": 9}}
+    sched.upsert(first, initial=True)
+    peer = body("p", S3)
+    peer["status"] = {
+        "observedGeneration": 1,
+        "totals": {"abortedUploads": 7, "freedBytes": 700},
+        "handledSweepNow": "5",
+    }
+    sched.upsert(peer)
+    entry = sched.entries[("ns", "p")]
+    assert entry.status["totals"] == {"abortedUploads": 7, "freedBytes": 700}
+    assert entry.handled_sweep_now == "5"
+
+
+async def test_sweep_now_is_recorded_even_when_its_sweep_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def explode(*_: Any, **__: Any) -> SweepResult:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(scheduler_module, "run_sweep", explode)
+    sched, kube, _ = await scheduler()
+    sched.upsert(body("p", S3, annotations={SWEEP_NOW_ANNOTATION: "1"}))
+    await sweep_now(sched, "p")
+    assert last_status(kube, "p")["handledSweepNow"] == "1"
+
+
+async def test_a_second_request_during_a_sweep_gets_its_own_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+    started: list[str] = []
+
+    def sweep(policy: Any, store: Any, **_: Any) -> SweepResult:
+        started.append(policy.name)
+        release.wait(10)
+        return fake_result(policy)
+
+    monkeypatch.setattr(scheduler_module, "run_sweep", sweep)
+    sched, kube, _ = await scheduler()
+    sched.upsert(body("p", S3, annotations={SWEEP_NOW_ANNOTATION: "1"}))
+    entry = sched.entries[("ns", "p")]
+    entry.request_for_next = "1"
+    entry.task = asyncio.create_task(sched._sweep(entry))
+    for _ in range(500):
+        if started:
+            break
+        await asyncio.sleep(0.01)
+    sched.upsert(body("p", S3, annotations={SWEEP_NOW_ANNOTATION: "2"}))
+    release.set()
+    await entry.task
+    await settle(sched)
+    # The first sweep answers request 1 only; request 2 is still due.
+    assert last_status(kube, "p")["handledSweepNow"] == "1"
+    assert entry.due is not None and entry.due <= time.monotonic()
+    await sweep_now(sched, "p")
+    assert last_status(kube, "p")["handledSweepNow"] == "2"
+
+
+async def test_a_suspend_racing_the_end_of_a_sweep_stays_suspended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    holder: list[Scheduler] = []
+
+    def sweep(policy: Any, store: Any, **_: Any) -> SweepResult:
+        # The suspend arrives while the last upload is being aborted: too late to cancel.
+        sched = holder[0]
+        future = asyncio.run_coroutine_threadsafe(suspend(sched), loop)
+        future.result()
+        return fake_result(policy, 10)
+
+    async def suspend(sched: Scheduler) -> None:
+        sched.upsert(body("p", {**S3, "suspend": True}, generation=2))
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(scheduler_module, "run_sweep", sweep)
+    sched, kube, _ = await scheduler()
+    holder.append(sched)
+    sched.upsert(body("p", S3))
+    await sweep_now(sched, "p")
+    status = last_status(kube, "p")
+    assert condition(status)["reason"] == "Suspended"
+    assert status["totals"]["freedBytes"] == 10  # what it did still counts
+
+
+async def test_a_policy_waiting_for_a_busy_target_holds_no_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    done: list[str] = []
+
+    def sweep(policy: Any, store: Any, *, cancel: Any, locks: Any, **_: Any) -> SweepResult:
+        bucket = policy.store.s3.buckets[0]
+        with locks.hold(f"target|{bucket}", cancel):
+            done.append(policy.name)
+        return fake_result(policy)
+
+    monkeypatch.setattr(scheduler_module, "run_sweep", sweep)
+    kube = RecordingKube()
+
+    async def post(*_: Any) -> None:
+        pass
+
+    sched = Scheduler(kube, MetricsState(), post, max_parallel_sweeps=2)  # type: ignore[arg-type]
+    shared = {"store": {"type": "S3", "s3": {"buckets": ["shared"]}}, "match": {"olderThan": "1d"}}
+    other = {"store": {"type": "S3", "s3": {"buckets": ["other"]}}, "match": {"olderThan": "1d"}}
+    busy = threading.Event()
+    with sched.locks.hold("target|shared", busy):  # another sweep holds the shared bucket
+        for index in range(4):
+            sched.upsert(body(f"shared-{index}", shared))
+        sched.upsert(body("elsewhere", other))
+        sched.start()
+        for _ in range(200):
+            if "elsewhere" in done:
+                break
+            await asyncio.sleep(0.02)
+        assert done == ["elsewhere"]
+    for _ in range(200):
+        if len(done) == 5:
+            break
+        await asyncio.sleep(0.02)
+    await sched.stop()
+    assert sorted(done) == ["elsewhere", "shared-0", "shared-1", "shared-2", "shared-3"]
