@@ -245,7 +245,7 @@ def test_policy_lifecycle_with_kubectl(
     assert status(plane, namespace, "stale")["totals"] == {"abortedUploads": 2, "freedBytes": 1284}
     assert open_uploads(s3, bucket) == set()
 
-    # Suspend: Ready False with reason Suspended; a sweep request is not acted on.
+    # Suspend: Ready True with reason Suspended; a sweep request is not acted on.
     plane.kubectl(
         "patch",
         "ulp",
@@ -337,6 +337,69 @@ def test_invalid_and_credential_problems_do_not_stop_others(
     warnings = [e for e in events(plane, namespace, "lost-secret") if e["type"] == "Warning"]
     assert warnings and warnings[0]["reason"] == "CredentialsNotFound"
     assert minio.secret_key not in json.dumps(events(plane, namespace, "good"))
+
+
+def test_broken_policies_show_in_status_events_and_metrics(
+    control_plane: ControlPlane,
+    namespace: str,
+    admin_operator: Operator,
+    minio: MinioServer,
+    bucket: str,
+) -> None:
+    """Three policies the API server accepts but that cannot sweep: each is Ready=False with
+    its reason (Stalled=True), has a Warning Event and series, right after it is created."""
+    plane = control_plane
+    invalid = policy("outside", namespace, minio.endpoint, bucket)
+    invalid["spec"]["store"] = {
+        "type": "LILT",
+        "lilt": {"inventoryPath": "/etc/mpu-janitor-escape.jsonl"},
+        "credentialsSecretRef": {"name": "minio-creds"},
+    }
+    unopenable = policy("bad-region", namespace, minio.endpoint, bucket)
+    unopenable["spec"]["store"]["s3"]["region"] = "us east 1"
+    unopenable["spec"]["store"].pop("credentialsSecretRef")
+    no_secret = policy("no-secret", namespace, minio.endpoint, bucket)
+    expected = {
+        "outside": "InvalidSpec",
+        "bad-region": "InvalidSpec",
+        "no-secret": "CredentialsNotFound",
+    }
+    for document in (invalid, unopenable, no_secret):
+        apply(plane, document)
+    for name, reason in expected.items():
+        wait_for(
+            lambda name=name, reason=reason: ready(plane, namespace, name).get("reason") == reason,
+            timeout=30,
+            what=f"{name}: Ready reason {reason}",
+        )
+        conditions = {c["type"]: c for c in status(plane, namespace, name)["conditions"]}
+        assert conditions["Ready"]["status"] == "False"
+        assert conditions["Stalled"]["status"] == "True"
+        assert conditions["Ready"]["observedGeneration"] == 1
+        warnings = [e for e in events(plane, namespace, name) if e["type"] == "Warning"]
+        assert [e["reason"] for e in warnings] == [reason], name
+    assert "us east 1" in ready(plane, namespace, "bad-region")["message"]
+    assert "inventoryPath" in ready(plane, namespace, "outside")["message"]
+    text = admin_operator.metrics()
+    for name, reason in expected.items():
+        ready_series = [
+            line
+            for line in text.splitlines()
+            if line.startswith("mpu_janitor_policy_ready{") and f'policy="{name}"' in line
+        ]
+        assert len(ready_series) == 1 and f'reason="{reason}"' in ready_series[0], text
+        assert ready_series[0].endswith(" 0.0")
+        errors = [
+            line
+            for line in text.splitlines()
+            if line.startswith("mpu_janitor_sweep_errors_total{")
+            and f'policy="{name}"' in line
+            and f'reason="{reason}"' in line
+        ]
+        assert errors and float(errors[0].rsplit(" ", 1)[1]) >= 1, text
+    # The Secret is missing at every retry, but said so once.
+    time.sleep(2)
+    assert len([e for e in events(plane, namespace, "no-secret") if e["type"] == "Warning"]) == 1
 
 
 def test_operator_resumes_after_apiserver_restart(
