@@ -25,7 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
-from mpu_janitor.scheduler import Scheduler
+from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class OperatorConfig:
     priority: int = field(default_factory=lambda: random.randint(1, 1_000_000))
     bound_port: int | None = None
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR
+    progress_seconds: float = PROGRESS_SECONDS  # a running sweep's status checkpoints
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -100,6 +101,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         post_event,
         is_active=lambda: is_active_peer(kube, config),
         lilt_inventory_dir=config.lilt_inventory_dir,
+        progress_seconds=config.progress_seconds,
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)
@@ -260,5 +262,7 @@ def run_operator(
     )
     if os.environ.get("MPU_JANITOR_PRIORITY"):
         config.priority = int(os.environ["MPU_JANITOR_PRIORITY"])
+    if os.environ.get("MPU_JANITOR_PROGRESS_SECONDS"):
+        config.progress_seconds = float(os.environ["MPU_JANITOR_PROGRESS_SECONDS"])
     asyncio.run(kopf.operator(**operator_kwargs(config)))
     return 0

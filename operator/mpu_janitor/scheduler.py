@@ -151,7 +151,9 @@ class Scheduler:
         is_active: IsActive = always_active,
         locks: TargetLocks | None = None,
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
+        progress_seconds: float | None = None,
     ) -> None:
+        self.progress_seconds = PROGRESS_SECONDS if progress_seconds is None else progress_seconds
         self.lilt_inventory_dir = os.path.realpath(lilt_inventory_dir)
         self.kube = kube
         self.metrics = metrics
@@ -404,7 +406,7 @@ class Scheduler:
 
         def progress(result: SweepResult) -> None:
             now = time.monotonic()
-            if result.finished is not None or now - entry.last_progress < PROGRESS_SECONDS:
+            if result.finished is not None or now - entry.last_progress < self.progress_seconds:
                 return
             entry.last_progress = now
             self.metrics.cover(policy.key, policy.store.type.value, list(result.buckets))
