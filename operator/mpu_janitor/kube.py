@@ -80,10 +80,11 @@ THROTTLE_ATTEMPTS = 6
 
 
 def _retry_after(header: str | None, attempt: int) -> float:
+    backoff: float = min(30.0, 0.5 * 2.0**attempt)
     try:
-        return min(30.0, max(0.0, float(header))) if header else min(30.0, 0.5 * 2**attempt)
+        return min(30.0, max(0.0, float(header))) if header else backoff
     except ValueError:
-        return min(30.0, 0.5 * 2**attempt)
+        return backoff
 
 
 class KubeClient:
