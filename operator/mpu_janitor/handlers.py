@@ -237,6 +237,22 @@ def operator_kwargs(config: OperatorConfig) -> dict[str, Any]:
     return kwargs
 
 
+def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
+    """``text``: one line per record; ``json``: Kopf's JSON records (one object a line, with
+    the policy's namespace and name under ``object``) for log pipelines."""
+    if log_format == "json":
+        kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
+        logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
+    for noisy in ("botocore", "urllib3", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def run_operator(
     *,
     namespaces: Collection[str],
@@ -245,14 +261,9 @@ def run_operator(
     peering: str | None,
     verbose: bool,
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
+    log_format: str = "text",
 ) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    for noisy in ("botocore", "urllib3", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
         metrics_address=metrics_address,
         metrics_port=metrics_port,

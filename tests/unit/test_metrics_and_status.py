@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client import generate_latest
 
@@ -292,3 +293,20 @@ async def test_metrics_speak_openmetrics_when_asked() -> None:
                 assert response.headers["Content-Type"].startswith("text/plain")
     finally:
         await runner.cleanup()
+
+
+def test_json_logs_are_one_object_a_line(capsys: Any) -> None:
+    import json
+    import logging
+
+    from mpu_janitor.handlers import configure_logging
+
+    try:
+        configure_logging(verbose=False, log_format="json")
+        logging.getLogger("mpu_janitor.scheduler").warning("policy %s is invalid", "ns/p")
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        record = json.loads(lines[-1])
+        assert record["message"] == "policy ns/p is invalid"
+        assert record["severity"] == "warn" or record.get("level") in ("warning", "WARNING")
+    finally:
+        logging.getLogger().handlers.clear()
