@@ -404,14 +404,21 @@ class Scheduler:
         cancel = entry.cancel
         entry.last_progress = time.monotonic()
 
+        guard = threading.Lock()
+
         def progress(result: SweepResult) -> None:
-            now = time.monotonic()
-            if result.finished is not None or now - entry.last_progress < self.progress_seconds:
-                return
-            entry.last_progress = now
-            self.metrics.cover(policy.key, policy.store.type.value, list(result.buckets))
-            checkpoint = progress_status(base_totals, result)
-            loop.call_soon_threadsafe(self._checkpoint, entry, policy, checkpoint)
+            # Called by the engine's threads after every upload; one checkpoint an interval.
+            with guard:
+                now = time.monotonic()
+                if result.finished is not None or now - entry.last_progress < self.progress_seconds:
+                    return
+                entry.last_progress = now
+                try:
+                    self.metrics.cover(policy.key, policy.store.type.value, list(result.buckets))
+                    checkpoint = progress_status(base_totals, result)
+                except RuntimeError:  # a bucket was added while we read: next time
+                    return
+                loop.call_soon_threadsafe(self._checkpoint, entry, policy, checkpoint)
 
         def blocking() -> SweepResult:
             while not self.slots.acquire(timeout=0.2):  # wait for a sweep slot

@@ -630,7 +630,7 @@ def test_sigkill_during_a_big_sweep_loses_nothing(
             minio.endpoint,
             bucket,
             match={"olderThan": "2s", "quietPeriod": "0s", "prefixes": ["tmp/"]},
-            limits={"requestsPerSecond": rps, "concurrency": 4},
+            limits={"requestsPerSecond": rps, "concurrency": 2},
         ),
     )
     env = {"MPU_JANITOR_PROGRESS_SECONDS": str(checkpoint_seconds)}
@@ -653,7 +653,7 @@ def test_sigkill_during_a_big_sweep_loses_nothing(
                 timeout=120,
                 what="a checkpoint after the restart",
             )
-            time.sleep(rng.uniform(0.3, 2.5))
+            time.sleep(rng.uniform(0.2, 1.5))
             op.kill()
         remaining = sum(1 for k, _ in open_uploads(s3, bucket) if k.startswith("tmp/"))
         kills.append({"statusFreed": totals().get("freedBytes", 0), "remaining": remaining})
