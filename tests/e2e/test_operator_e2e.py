@@ -567,6 +567,7 @@ def test_peering_keeps_one_replica_sweeping(
         with running_operator(
             plane.kubeconfig, [namespace], tmp_path, peering="janitors", priority=200
         ) as active:
+            make_upload(s3, bucket, "early", [5])
             time.sleep(5)  # both have announced themselves in the peering object
             apply(plane, policy("shared", namespace, minio.endpoint, bucket))
             wait_for(
@@ -589,6 +590,16 @@ def test_peering_keeps_one_replica_sweeping(
             what="the standby sweeping after the active replica stopped",
         )
         assert swept_by(standby)
+        # The standby continued from the totals its peer wrote, not from what it saw at start.
+        wait_for(
+            lambda: status(plane, namespace, "shared").get("handledSweepNow") == "takeover",
+            timeout=30,
+            what="the takeover sweep reported",
+        )
+        assert status(plane, namespace, "shared")["totals"] == {
+            "abortedUploads": 2,
+            "freedBytes": 8,
+        }
 
 
 def test_sigkill_during_a_big_sweep_loses_nothing(
