@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LILT_INVENTORY_DIR,
         help="LILT policies may only name inventories under this directory",
     )
+    operator.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
+    )
     operator.set_defaults(run=None)
     return parser
 
@@ -399,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             peering=None if args.standalone else args.peering,
             verbose=args.verbose,
             lilt_inventory_dir=args.lilt_inventory_dir,
+            log_format=args.log_format,
         )
     try:
         code: int = args.run(args, sys.stdout, sys.stderr)

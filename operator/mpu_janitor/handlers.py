@@ -20,12 +20,12 @@ from typing import Any
 
 import kopf
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
-from mpu_janitor.scheduler import Scheduler
+from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class OperatorConfig:
     priority: int = field(default_factory=lambda: random.randint(1, 1_000_000))
     bound_port: int | None = None
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR
+    progress_seconds: float = PROGRESS_SECONDS  # a running sweep's status checkpoints
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -100,6 +101,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         post_event,
         is_active=lambda: is_active_peer(kube, config),
         lilt_inventory_dir=config.lilt_inventory_dir,
+        progress_seconds=config.progress_seconds,
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)
@@ -189,9 +191,11 @@ async def start_http(
 ) -> web.AppRunner:
     registry = new_registry(metrics)
 
-    async def metrics_view(_: web.Request) -> web.Response:
-        payload = await asyncio.to_thread(generate_latest, registry)
-        return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_view(request: web.Request) -> web.Response:
+        # OpenMetrics when the scraper asks for it (Prometheus does), text format otherwise.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        payload = await asyncio.to_thread(encoder, registry)
+        return web.Response(body=payload, headers={"Content-Type": content_type})
 
     async def health_view(_: web.Request) -> web.Response:
         stale = time.monotonic() - scheduler.last_tick
@@ -233,6 +237,22 @@ def operator_kwargs(config: OperatorConfig) -> dict[str, Any]:
     return kwargs
 
 
+def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
+    """``text``: one line per record; ``json``: Kopf's JSON records (one object a line, with
+    the policy's namespace and name under ``object``) for log pipelines."""
+    if log_format == "json":
+        kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
+        logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    else:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
+    for noisy in ("botocore", "urllib3", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def run_operator(
     *,
     namespaces: Collection[str],
@@ -241,14 +261,9 @@ def run_operator(
     peering: str | None,
     verbose: bool,
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
+    log_format: str = "text",
 ) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    for noisy in ("botocore", "urllib3", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
         metrics_address=metrics_address,
         metrics_port=metrics_port,
@@ -258,5 +273,7 @@ def run_operator(
     )
     if os.environ.get("MPU_JANITOR_PRIORITY"):
         config.priority = int(os.environ["MPU_JANITOR_PRIORITY"])
+    if os.environ.get("MPU_JANITOR_PROGRESS_SECONDS"):
+        config.progress_seconds = float(os.environ["MPU_JANITOR_PROGRESS_SECONDS"])
     asyncio.run(kopf.operator(**operator_kwargs(config)))
     return 0

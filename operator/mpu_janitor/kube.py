@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json as json_module
+import os
 import ssl
 import tempfile
 import uuid
@@ -51,9 +53,16 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     certificate = info.certificate_path
     key = info.private_key_path
     if info.certificate_data and info.private_key_data:
-        # ssl wants files for client certificates; keep them in private temp files.
+        # ssl wants files for client certificates: private temp files, removed once read.
         certificate = _temp_file(info.certificate_data)
         key = _temp_file(info.private_key_data)
+        try:
+            context.load_cert_chain(certificate, key)
+        finally:
+            for path in (certificate, key):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        return context
     if certificate and key:
         context.load_cert_chain(str(certificate), str(key))
     return context
@@ -65,6 +74,17 @@ def _temp_file(data: str | bytes) -> str:
     with handle:
         handle.write(raw)
     return handle.name
+
+
+THROTTLE_ATTEMPTS = 6
+
+
+def _retry_after(header: str | None, attempt: int) -> float:
+    backoff: float = min(30.0, 0.5 * 2.0**attempt)
+    try:
+        return min(30.0, max(0.0, float(header))) if header else backoff
+    except ValueError:
+        return backoff
 
 
 class KubeClient:
@@ -99,11 +119,18 @@ class KubeClient:
     async def request(
         self, method: str, path: str, *, json: Any = None, content_type: str | None = None
     ) -> Any:
-        for attempt in range(2):
-            session, server = await self._connect(fresh=attempt > 0)
+        relogged = login_again = False
+        for attempt in range(THROTTLE_ATTEMPTS):
+            session, server = await self._connect(fresh=login_again)
+            login_again = False
             headers = {"Content-Type": content_type} if content_type else {}
             async with session.request(method, server + path, json=json, headers=headers) as rsp:
-                if rsp.status == 401 and attempt == 0:
+                if rsp.status == 401 and not relogged:
+                    relogged = login_again = True  # a rotated token: log in once more
+                    continue
+                if rsp.status == 429 and attempt < THROTTLE_ATTEMPTS - 1:
+                    # API Priority and Fairness asks us to wait: honour Retry-After.
+                    await asyncio.sleep(_retry_after(rsp.headers.get("Retry-After"), attempt))
                     continue
                 text = await rsp.text()
                 try:
@@ -115,7 +142,7 @@ class KubeClient:
                     kind = {404: NotFound, 403: Forbidden}.get(rsp.status, KubeError)
                     raise kind(rsp.status, message or rsp.reason or "")
                 return body
-        raise AssertionError("unreachable")
+        raise KubeError(429, "the API server kept asking us to wait (429)")
 
     async def get_secret(self, namespace: str, name: str) -> Mapping[str, Any]:
         body: Mapping[str, Any] = await self.request(

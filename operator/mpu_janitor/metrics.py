@@ -12,7 +12,12 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -35,6 +40,18 @@ ABORT_RESULTS = {
     "failed": "failed",
 }
 
+# sweep_errors_total starts at 0 for these, so increase() sees a policy's first error.
+ERROR_REASONS = (
+    "InvalidSpec",
+    "CredentialsNotFound",
+    "CredentialsUnreadable",
+    "AccessDenied",
+    "StoreUnreachable",
+    "BucketNotFound",
+    "Throttled",
+    "InternalError",
+)
+
 PolicyKey = tuple[str, str]  # (namespace, name)
 DECLARED = "; LILT: sizes uploaders declared, not measured"  # LILT has no parts listing
 
@@ -44,6 +61,7 @@ class _PolicySeries:
     store: str
     interval_seconds: float = 0.0
     suspended: bool = False
+    dry_run: bool = False
     older_than_seconds: float = 0.0
     # per bucket gauges from the last sweep that listed the bucket completely
     gauges: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -55,6 +73,19 @@ class _PolicySeries:
     duration_buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
     duration_count: int = 0
     duration_sum: float = 0.0
+    ready: tuple[str, str] = ("Unknown", "Sweeping")  # the Ready condition: status, reason
+
+    def __post_init__(self) -> None:
+        for reason in ERROR_REASONS:
+            self.errors[reason] += 0
+
+    def cover(self, buckets: Iterator[str] | tuple[str, ...] | list[str]) -> None:
+        """Counters of a bucket start at 0 when it is first known, not at its first sweep's
+        count (``increase()`` would drop that sweep)."""
+        for bucket in buckets:
+            for outcome in ABORT_RESULTS:
+                self.aborted[(bucket, outcome)] += 0
+            self.freed[bucket] += 0
 
 
 class MetricsState(Collector):
@@ -64,34 +95,68 @@ class MetricsState(Collector):
         self._lock = threading.Lock()
         self._policies: dict[PolicyKey, _PolicySeries] = {}
 
-    def _series(self, key: PolicyKey, store: str) -> _PolicySeries:
+    def _create(self, key: PolicyKey, store: str) -> _PolicySeries:
         series = self._policies.get(key)
         if series is None or series.store != store:
             series = self._policies[key] = _PolicySeries(store=store)
         return series
 
+    def _series(self, key: PolicyKey, store: str) -> _PolicySeries | None:
+        """A known policy's series; None once it was forgotten (or never seen), so a late
+        report of a deleted policy's sweep never brings its series back."""
+        series = self._policies.get(key)
+        return series if series is not None and series.store == store else None
+
     def register_policy(self, policy: Policy) -> None:
         with self._lock:
-            series = self._series(policy.key, policy.store.type.value)
+            series = self._create(policy.key, policy.store.type.value)
             series.interval_seconds = policy.interval.total_seconds()
             series.older_than_seconds = policy.match.older_than.total_seconds()
             series.suspended = policy.suspend
+            series.dry_run = policy.dry_run
+            if policy.store.s3 is not None:
+                series.cover(policy.store.s3.buckets)
+            if policy.store.glacier is not None:
+                series.cover(policy.store.glacier.vaults)
+
+    def register_invalid(self, key: PolicyKey, store: str) -> None:
+        """A policy whose spec does not parse still has series (its Ready and errors)."""
+        with self._lock:
+            self._create(key, store)
+
+    def set_ready(self, key: PolicyKey, store: str, status: str, reason: str) -> None:
+        with self._lock:
+            series = self._series(key, store)
+            if series is not None:
+                series.ready = (status, reason)
+
+    def cover(self, key: PolicyKey, store: str, buckets: list[str]) -> None:
+        with self._lock:
+            series = self._series(key, store)
+            if series is not None:
+                series.cover(buckets)
 
     def request_observer(self, key: PolicyKey, store: str) -> RequestCounter:
         return RequestCounter(self, key, store)
 
     def count_request(self, key: PolicyKey, store: str, operation: str, code: str) -> None:
         with self._lock:
-            self._series(key, store).requests[(operation, code)] += 1
+            series = self._series(key, store)
+            if series is not None:
+                series.requests[(operation, code)] += 1
 
     def count_error(self, key: PolicyKey, store: str, reason: str) -> None:
         with self._lock:
-            self._series(key, store).errors[reason] += 1
+            series = self._series(key, store)
+            if series is not None:
+                series.errors[reason] += 1
 
     def record_sweep(self, result: SweepResult) -> None:
         key = (result.namespace, result.policy)
         with self._lock:
             series = self._series(key, result.store)
+            if series is None:
+                return
             for bucket, stats in result.buckets.items():
                 for name, attr in ABORT_RESULTS.items():
                     series.aborted[(bucket, name)] += int(getattr(stats, attr))
@@ -195,8 +260,19 @@ class MetricsState(Collector):
                 "1 while the policy's spec.suspend is true",
                 labels=policy_labels,
             )
+            dry_run = GaugeMetricFamily(
+                PREFIX + "policy_dry_run",
+                "1 while the policy's spec.mode is DryRun (it measures, never aborts)",
+                labels=policy_labels,
+            )
+            ready = GaugeMetricFamily(
+                PREFIX + "policy_ready",
+                "1 while the policy's Ready condition is True; labels: its status and reason",
+                labels=[*policy_labels, "status", "reason"],
+            )
             for (namespace, name), series in items:
                 base = [namespace, name, series.store]
+                ready.add_metric([*base, *series.ready], 1.0 if series.ready[0] == "True" else 0.0)
                 for bucket, values in sorted(series.gauges.items()):
                     for metric, value in values.items():
                         gauges[metric].add_metric([*base, bucket], value)
@@ -205,6 +281,7 @@ class MetricsState(Collector):
                 interval.add_metric(base, series.interval_seconds)
                 older_than.add_metric(base, series.older_than_seconds)
                 suspended.add_metric(base, 1.0 if series.suspended else 0.0)
+                dry_run.add_metric(base, 1.0 if series.dry_run else 0.0)
                 for (bucket, outcome), count in sorted(series.aborted.items()):
                     aborted.add_metric([*base, bucket, outcome], count)
                 for bucket, count in sorted(series.freed.items()):
@@ -232,6 +309,8 @@ class MetricsState(Collector):
             interval,
             older_than,
             suspended,
+            dry_run,
+            ready,
             aborted,
             freed,
             requests,
@@ -252,6 +331,9 @@ class RequestCounter:
 
 
 def new_registry(state: MetricsState) -> CollectorRegistry:
+    """The policies' series plus the process's own (RSS, CPU, start time, open files, GC)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(state)
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
     return registry

@@ -16,19 +16,29 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mpu_janitor.credentials import CredentialsNotFound, load_credentials
-from mpu_janitor.kube import KubeClient, KubeError, NotFound
+from mpu_janitor.kube import KubeClient, NotFound
 from mpu_janitor.metrics import MetricsState
+from mpu_janitor.pacing import Cancelled
 from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, Policy, PolicyError, parse_spec
-from mpu_janitor.status import problem_status, sweep_message, sweep_status
-from mpu_janitor.stores import UnusableTarget, open_store
-from mpu_janitor.stores.base import StoreCredentials
+from mpu_janitor.reporting import StatusWriter
+from mpu_janitor.status import (
+    SUSPENDED,
+    SWEEPING,
+    find_condition,
+    problem_status,
+    progress_status,
+    sweep_message,
+    sweep_status,
+)
+from mpu_janitor.stores import open_store
+from mpu_janitor.stores.base import Store, StoreCredentials, StoreError
 from mpu_janitor.sweep import NOTICE_REASONS, SweepResult, TargetLocks, run_sweep
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,8 @@ SWEEP_NOW_ANNOTATION = "mpu-janitor.dev/sweep-now"
 STANDBY_RECHECK_SECONDS = 5.0  # a standby replica's look at the peering object
 JITTER = 0.1  # +-10% of the interval, so policies created together drift apart
 RETRY_AFTER_PROBLEM = timedelta(minutes=1)  # credentials missing: look again soon
+PROGRESS_SECONDS = 30.0  # a running sweep's counts reach the status at most this often
+THREADS = 256  # sweep threads; at most max_parallel_sweeps of them hold a slot (sweep)
 
 # (body, type, reason, message): posts a Kubernetes Event about a policy.
 PostEvent = Callable[[Mapping[str, Any], str, str, str], Awaitable[None]]
@@ -48,29 +60,84 @@ async def always_active() -> bool:
     return True
 
 
+class SweepFailed(Exception):
+    """A sweep could not run: ``reason`` is the Ready reason it earns."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class PolicyEntry:
     namespace: str
     name: str
     body: dict[str, Any]
+    writer: StatusWriter
     generation: int | None = None
     policy: Policy | None = None
     error: PolicyError | None = None
     due: float | None = None  # monotonic time of the next sweep; None: not scheduled
     task: asyncio.Task[None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    status: dict[str, Any] = field(default_factory=dict)
-    handled_sweep_now: str | None = None
+    handled_sweep_now: str | None = None  # the newest request accepted (done, running or due)
+    request_for_next: str | None = None  # a request the next sweep answers
     deleted: bool = False
+    last_progress: float = 0.0
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
+    @property
+    def status(self) -> dict[str, Any]:
+        """The status as the operator last decided it (written or still being written)."""
+        return self.writer.mirror
+
+    @property
+    def store_label(self) -> str:
+        if self.policy is not None:
+            return self.policy.store.type.value
+        store = (self.body.get("spec") or {}).get("store")
+        kind = store.get("type") if isinstance(store, Mapping) else None
+        return str(kind) if isinstance(kind, str) and kind else "Unknown"
+
+    @property
+    def sweeping(self) -> bool:
+        return self.task is not None and not self.task.done()
+
 
 def jittered(interval: timedelta) -> float:
     seconds = interval.total_seconds()
     return seconds * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+class SlotLocks(TargetLocks):
+    """The target locks of one sweep: while it waits for a target another sweep holds, it
+    gives its sweep slot back, so policies on other targets never wait behind it."""
+
+    def __init__(self, shared: TargetLocks, slots: threading.Semaphore) -> None:
+        super().__init__()
+        self._guard, self._locks = shared._guard, shared._locks
+        self.slots = slots
+
+    @contextlib.contextmanager
+    def hold(self, key: str, cancel: threading.Event) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        if not lock.acquire(blocking=False):
+            self.slots.release()
+            try:
+                while not lock.acquire(timeout=0.2):
+                    if cancel.is_set():
+                        raise Cancelled()
+            finally:
+                # The caller gives the slot back when the sweep ends, in any case.
+                self.slots.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 class Scheduler:
@@ -84,14 +151,18 @@ class Scheduler:
         is_active: IsActive = always_active,
         locks: TargetLocks | None = None,
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
+        progress_seconds: float | None = None,
     ) -> None:
+        self.progress_seconds = PROGRESS_SECONDS if progress_seconds is None else progress_seconds
         self.lilt_inventory_dir = os.path.realpath(lilt_inventory_dir)
         self.kube = kube
         self.metrics = metrics
         self.post_event = post_event
         self.is_active = is_active
+        self.active = False  # did the last look at the peering say we sweep?
         self.locks = locks or TargetLocks()
-        self.pool = ThreadPoolExecutor(max_workers=max_parallel_sweeps, thread_name_prefix="sweeps")
+        self.slots = threading.Semaphore(max_parallel_sweeps)
+        self.pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="sweeps")
         self.entries: dict[tuple[str, str], PolicyEntry] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -106,10 +177,18 @@ class Scheduler:
         key = (str(metadata.get("namespace")), str(metadata.get("name")))
         entry = self.entries.get(key)
         fresh = entry is None
+        seen_status = dict(body.get("status") or {})
         if entry is None:
-            entry = self.entries[key] = PolicyEntry(key[0], key[1], dict(body))
-            entry.status = dict(body.get("status") or {})
-            entry.handled_sweep_now = entry.status.get("handledSweepNow")
+            writer = StatusWriter(self.kube, key[0], key[1], seen_status, is_gone=NotFound)
+            entry = self.entries[key] = PolicyEntry(key[0], key[1], dict(body), writer)
+            entry.handled_sweep_now = seen_status.get("handledSweepNow")
+        elif not self.active and not entry.sweeping:
+            # A standby replica follows what the active one writes, so after a failover it
+            # continues from the newest totals and handled requests, not from its start.
+            entry.writer.adopt(seen_status)
+            handled = seen_status.get("handledSweepNow")
+            if handled is not None and entry.request_for_next is None:
+                entry.handled_sweep_now = handled
         entry.body = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
         generation = metadata.get("generation")
         if fresh or generation != entry.generation:
@@ -120,7 +199,7 @@ class Scheduler:
         policy = entry.policy
         if request and request != entry.handled_sweep_now and policy and not policy.suspend:
             log.info("sweep requested for %s/%s by annotation", *key)
-            entry.handled_sweep_now = request
+            entry.handled_sweep_now = entry.request_for_next = request
             entry.due = time.monotonic()
         self._wakeup.set()
 
@@ -130,12 +209,13 @@ class Scheduler:
         if entry is not None:
             entry.deleted = True
             entry.cancel.set()
+            entry.writer.close()
         self.metrics.forget((namespace, name))
 
     def _reparse(self, entry: PolicyEntry, *, resumed: bool) -> None:
         body = entry.body
         # A changed spec takes effect at once: stop the running sweep between uploads.
-        if entry.task is not None and not entry.task.done():
+        if entry.sweeping:
             entry.cancel.set()
         try:
             policy = parse_spec(
@@ -148,23 +228,38 @@ class Scheduler:
         except PolicyError as error:
             entry.policy, entry.error, entry.due = None, error, None
             log.warning("policy %s/%s is invalid: %s", entry.namespace, entry.name, error)
-            self._report_problem(entry, "InvalidSpec", str(error))
+            self.metrics.register_invalid(entry.key, entry.store_label)
+            self.metrics.count_error(entry.key, entry.store_label, "InvalidSpec")
+            self._set_ready(entry, False, "InvalidSpec", str(error))
             return
         entry.policy, entry.error = policy, None
         self.metrics.register_policy(policy)
         if policy.suspend:
             entry.due = None
-            self._report_problem(entry, "Suspended", "sweeps are suspended (spec.suspend)")
+            self._set_ready(
+                entry, True, SUSPENDED, "sweeps are suspended (spec.suspend): nothing is aborted"
+            )
             return
         entry.due = time.monotonic()
-        if resumed:
+        observed = entry.status.get("observedGeneration")
+        if resumed and observed == entry.generation:
             # An operator restart resumes the schedule it published instead of sweeping
-            # every policy at once.
+            # every policy at once, and keeps the condition it published.
+            ready = find_condition(entry.status) or {}
+            self.metrics.set_ready(
+                entry.key,
+                entry.store_label,
+                str(ready.get("status", "Unknown")),
+                str(ready.get("reason", SWEEPING)),
+            )
             upcoming = _parse_time(entry.status.get("nextSweepTime"))
-            observed = entry.status.get("observedGeneration")
-            if upcoming is not None and observed == entry.generation:
+            if upcoming is not None:
                 wait = (upcoming - datetime.now(UTC)).total_seconds()
                 entry.due = time.monotonic() + max(0.0, min(wait, jittered(policy.interval)))
+            return
+        self._set_ready(
+            entry, None, SWEEPING, f"generation {entry.generation} is about to be swept"
+        )
 
     def _check_operator_limits(self, policy: Policy) -> None:
         """What a policy may ask of this operator: a LILT inventory only under the directory the
@@ -200,88 +295,150 @@ class Scheduler:
 
     async def _run(self) -> None:
         while True:
-            self.last_tick = time.monotonic()
-            now = time.monotonic()
-            due = [
-                e
-                for e in self.entries.values()
-                if e.due is not None and e.due <= now and (e.task is None or e.task.done())
-            ]
-            standby = False
-            if due:
-                if await self.is_active():
-                    for entry in due:
-                        entry.due = None
-                        entry.cancel = threading.Event()
-                        entry.task = asyncio.create_task(
-                            self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
-                        )
-                else:
-                    standby = True  # another replica sweeps; ask again in a while
-            waits = [e.due - now for e in self.entries.values() if e.due is not None]
-            timeout = STANDBY_RECHECK_SECONDS if standby else max(0.05, min([5.0, *waits]))
+            try:
+                timeout = await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop outlives anything: a dropped connection, a bug
+                log.exception("scheduler tick failed; trying again")
+                timeout = STANDBY_RECHECK_SECONDS
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
 
+    async def _tick(self) -> float:
+        self.last_tick = time.monotonic()
+        now = time.monotonic()
+        due = [
+            e
+            for e in self.entries.values()
+            if e.due is not None and e.due <= now and not e.sweeping
+        ]
+        standby = False
+        if due:
+            try:
+                self.active = await self.is_active()
+            except Exception as error:
+                log.warning("cannot tell whether this replica sweeps (%s); not sweeping", error)
+                self.active = False
+            if self.active:
+                for entry in due:
+                    entry.due = None
+                    entry.cancel = threading.Event()
+                    entry.task = asyncio.create_task(
+                        self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
+                    )
+            else:
+                standby = True  # another replica sweeps; ask again in a while
+        waits = [e.due - now for e in self.entries.values() if e.due is not None]
+        return STANDBY_RECHECK_SECONDS if standby else max(0.05, min([5.0, *waits]))
+
     async def _sweep(self, entry: PolicyEntry) -> None:
+        policy = entry.policy
+        request, entry.request_for_next = entry.request_for_next, None
         try:
-            await self._sweep_once(entry)
-        except Exception:  # one policy's trouble never stops the scheduler or the others
+            if policy is not None and not policy.suspend:
+                await self._sweep_once(entry, policy, request)
+        except Exception as error:  # one policy's trouble never stops the scheduler or the others
             log.exception("sweep of %s/%s failed unexpectedly", *entry.key)
-            if entry.policy is not None and not entry.deleted:
-                self._reschedule(entry, RETRY_AFTER_PROBLEM)
+            if policy is not None:
+                self._failed(
+                    entry, policy, request, "InternalError", f"{type(error).__name__}: {error}"
+                )
         finally:
             self._wakeup.set()
 
-    async def _sweep_once(self, entry: PolicyEntry) -> None:
-        policy = entry.policy
-        if policy is None or policy.suspend:
-            return
+    async def _sweep_once(self, entry: PolicyEntry, policy: Policy, request: str | None) -> None:
         try:
             credentials = await load_credentials(self.kube, policy)
         except CredentialsNotFound as error:
-            self.metrics.count_error(policy.key, policy.store.type.value, error.reason)
-            self._reschedule(entry, RETRY_AFTER_PROBLEM)
-            await self._problem(entry, error.reason, str(error))
+            self._failed(entry, policy, request, error.reason, str(error), announce=False)
             return
-        except KubeError as error:
-            self._reschedule(entry, RETRY_AFTER_PROBLEM)
-            log.warning("reading credentials of %s/%s failed: %s", *entry.key, error)
+        except Exception as error:
+            message = f"reading the Secret failed: {error}"
+            self._failed(entry, policy, request, "CredentialsUnreadable", message, announce=False)
             return
+        base_totals = dict(entry.status.get("totals") or {})
         try:
-            result = await self._run_sweep(entry, policy, credentials)
-        except UnusableTarget as error:  # the store's client refused a value of the spec
-            entry.policy, entry.due = None, None
-            entry.error = PolicyError(error.field, error.message)
-            await self._problem(entry, "InvalidSpec", str(error))
+            result = await self._run_sweep(entry, policy, credentials, base_totals)
+        except SweepFailed as failed:
+            self._failed(entry, policy, request, failed.reason, str(failed), announce=False)
             return
         if entry.deleted:
             return
-        if result.cancelled:
-            # Suspended, changed or shutting down mid-sweep: keep the count of what was done;
-            # the policy's condition is the new state's (a changed spec sweeps again at once).
-            self.metrics.record_sweep(result)
-            await self._after_cancel(entry, result)
-            return
         self.metrics.record_sweep(result)
+        handled = {"handledSweepNow": request} if request is not None else {}
+        if result.cancelled or entry.policy is not policy:
+            # Suspended, changed or shutting down mid-sweep (or just as it ended): keep the
+            # count of what was done; the condition is the new state's, never this sweep's.
+            self._write(entry, {**progress_status(base_totals, result), **handled})
+            return
         next_due = self._reschedule(entry, policy.interval)
-        await self._report_sweep(entry, result, next_due)
+        previous = find_condition(entry.status) or {}
+        status = sweep_status(
+            entry.status,
+            result,
+            generation=entry.generation,
+            next_sweep=next_due,
+            base_totals=base_totals,
+        )
+        self._write(entry, {**status, **handled})
+        self.metrics.set_ready(
+            entry.key, entry.store_label, "True" if result.ok else "False", result.reason
+        )
+        changed = (previous.get("status"), previous.get("reason")) != (
+            "True" if result.ok else "False",
+            result.reason,
+        )
+        await self._announce_sweep(entry, result, changed)
 
     async def _run_sweep(
-        self, entry: PolicyEntry, policy: Policy, credentials: StoreCredentials | None
+        self,
+        entry: PolicyEntry,
+        policy: Policy,
+        credentials: StoreCredentials | None,
+        base_totals: Mapping[str, Any],
     ) -> SweepResult:
         loop = asyncio.get_running_loop()
         observer = self.metrics.request_observer(policy.key, policy.store.type.value)
+        cancel = entry.cancel
+        entry.last_progress = time.monotonic()
+
+        guard = threading.Lock()
+
+        def progress(result: SweepResult) -> None:
+            # Called by the engine's threads after every upload; one checkpoint an interval.
+            with guard:
+                now = time.monotonic()
+                if result.finished is not None or now - entry.last_progress < self.progress_seconds:
+                    return
+                entry.last_progress = now
+                try:
+                    self.metrics.cover(policy.key, policy.store.type.value, list(result.buckets))
+                    checkpoint = progress_status(base_totals, result)
+                except RuntimeError:  # a bucket was added while we read: next time
+                    return
+                loop.call_soon_threadsafe(self._checkpoint, entry, policy, checkpoint)
 
         def blocking() -> SweepResult:
-            store = open_store(policy.store, credentials, observer)
+            while not self.slots.acquire(timeout=0.2):  # wait for a sweep slot
+                if cancel.is_set():
+                    return _cancelled(policy)
             try:
-                return run_sweep(policy, store, cancel=entry.cancel, locks=self.locks)
+                store = _open(policy, credentials, observer)
+                try:
+                    locks = SlotLocks(self.locks, self.slots)
+                    return run_sweep(policy, store, cancel=cancel, progress=progress, locks=locks)
+                finally:
+                    store.close()
             finally:
-                store.close()
+                self.slots.release()
 
         return await loop.run_in_executor(self.pool, functools.partial(blocking))
+
+    def _checkpoint(self, entry: PolicyEntry, policy: Policy, checkpoint: dict[str, Any]) -> None:
+        if not entry.deleted and entry.policy is policy:  # FIFO: always before the result
+            self._write(entry, checkpoint)
 
     def _reschedule(self, entry: PolicyEntry, after: timedelta) -> datetime:
         delay = jittered(after)
@@ -291,34 +448,41 @@ class Scheduler:
 
     # -- reporting ---------------------------------------------------------------------------------
 
-    async def _report_sweep(
-        self, entry: PolicyEntry, result: SweepResult, next_due: datetime
+    def _write(self, entry: PolicyEntry, patch: Mapping[str, Any]) -> None:
+        if entry.deleted:
+            return
+        task = entry.writer.write(patch)
+        if task is not None:
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coroutine
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _event(self, entry: PolicyEntry, kind: str, reason: str, message: str) -> None:
+        if entry.deleted:
+            return
+        try:
+            await self.post_event(entry.body, kind, reason, message)
+        except Exception as error:  # an Event is news, not state: never worth a crash
+            log.warning("could not post a %s event for %s/%s: %s", reason, *entry.key, error)
+
+    def _set_ready(
+        self,
+        entry: PolicyEntry,
+        ready: bool | None,
+        reason: str,
+        message: str,
+        *,
+        announce_change: bool = True,
     ) -> None:
-        status = sweep_status(
-            entry.status, result, generation=entry.generation, next_sweep=next_due
-        )
-        status["handledSweepNow"] = entry.handled_sweep_now
-        await self._patch_status(entry, status)
-        kind = "Normal" if result.ok else "Warning"
-        await self.post_event(entry.body, kind, result.reason, sweep_message(result))
-        by_reason: dict[str, list[str]] = {}
-        for issue in result.issues:
-            by_reason.setdefault(issue.reason, []).append(issue.message)
-        for reason, messages in by_reason.items():
-            count = result.errors_by_reason.get(reason, len(messages))
-            what = "upload(s) protected" if reason in NOTICE_REASONS else "failure(s)"
-            await self.post_event(
-                entry.body, "Warning", reason, f"{count} {what}, first: {messages[0]}"
-            )
-
-    async def _after_cancel(self, entry: PolicyEntry, result: SweepResult) -> None:
-        totals = sweep_status(entry.status, result, generation=entry.generation, next_sweep=None)[
-            "totals"
-        ]
-        entry.status["totals"] = totals
-        await self._patch_status(entry, {"totals": totals})
-
-    async def _problem(self, entry: PolicyEntry, reason: str, message: str) -> None:
+        """A condition set outside a sweep's result: status now, an Event if Ready changed."""
+        previous = find_condition(entry.status) or {}
         next_due = None
         if entry.due is not None:
             next_due = datetime.now(UTC) + timedelta(seconds=entry.due - time.monotonic())
@@ -328,29 +492,88 @@ class Scheduler:
             message=message,
             generation=entry.generation,
             next_sweep=next_due,
+            ready=ready,
         )
-        await self._patch_status(entry, status)
-        await self.post_event(
-            entry.body, "Warning" if reason != "Suspended" else "Normal", reason, message
-        )
+        self._write(entry, status)
+        value = str(status["conditions"][0]["status"])
+        self.metrics.set_ready(entry.key, entry.store_label, value, reason)
+        if (previous.get("status"), previous.get("reason"), previous.get("message")) != (
+            value,
+            reason,
+            message[:1024],
+        ) and (announce_change and reason != SWEEPING):
+            kind = "Warning" if ready is False else "Normal"
+            self._spawn(self._event(entry, kind, reason, message))
 
-    def _report_problem(self, entry: PolicyEntry, reason: str, message: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._problem(entry, reason, message))
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
-
-    async def _patch_status(self, entry: PolicyEntry, status: dict[str, Any]) -> None:
+    def _failed(
+        self,
+        entry: PolicyEntry,
+        policy: Policy,
+        request: str | None,
+        reason: str,
+        message: str,
+        *,
+        announce: bool = True,
+    ) -> None:
+        """A sweep that could not run or broke off: Ready=False, a metric, a Warning (for a
+        problem before the sweep, only when it is news: a missing Secret is not re-announced
+        at every retry), and another try later."""
         if entry.deleted:
             return
-        try:
-            await self.kube.patch_policy_status(entry.namespace, entry.name, status)
-        except NotFound:
-            log.info("policy %s/%s is gone; status not written", *entry.key)
-            return
-        except (TimeoutError, KubeError, OSError) as error:
-            log.warning("could not patch the status of %s/%s: %s", *entry.key, error)
-            return
-        entry.status.update({k: v for k, v in status.items() if v is not None})
+        self.metrics.count_error(policy.key, policy.store.type.value, reason)
+        if entry.policy is not policy:
+            if request is not None:
+                self._write(entry, {"handledSweepNow": request})
+            return  # changed meanwhile: the new spec's state stands
+        self._reschedule(entry, RETRY_AFTER_PROBLEM)
+        if request is not None:
+            self._write(entry, {"handledSweepNow": request})
+        if announce:
+            self._spawn(self._event(entry, "Warning", reason, message))
+        self._set_ready(entry, False, reason, message, announce_change=not announce)
+
+    async def _announce_sweep(self, entry: PolicyEntry, result: SweepResult, changed: bool) -> None:
+        """Events on change, never a heartbeat: a sweep that aborted something or changed
+        Ready gets one; a failed sweep gets a Warning; failures by reason follow."""
+        if result.ok:
+            if changed or result.total("aborted"):
+                await self._event(entry, "Normal", result.reason, sweep_message(result))
+        else:
+            await self._event(entry, "Warning", result.reason, sweep_message(result))
+        by_reason: dict[str, list[str]] = {}
+        for issue in result.issues:
+            by_reason.setdefault(issue.reason, []).append(issue.message)
+        for reason, messages in by_reason.items():
+            count = result.errors_by_reason.get(reason, len(messages))
+            what = "upload(s) protected" if reason in NOTICE_REASONS else "failure(s)"
+            await self._event(entry, "Warning", reason, f"{count} {what}, first: {messages[0]}")
+
+
+def _open(
+    policy: Policy, credentials: StoreCredentials | None, observer: Callable[[str, str], None]
+) -> Store:
+    """The policy's store, or SweepFailed naming why it cannot be opened."""
+    try:
+        return open_store(policy.store, credentials, observer)
+    except StoreError as error:
+        raise SweepFailed(error.reason, f"the store cannot be opened: {error}") from error
+    except ValueError as error:  # botocore's InvalidRegionError and friends: a bad spec
+        raise SweepFailed(
+            "InvalidSpec", f"spec.store: the store cannot be opened: {error}"
+        ) from error
+
+
+def _cancelled(policy: Policy) -> SweepResult:
+    now = datetime.now(UTC)
+    return SweepResult(
+        policy.namespace,
+        policy.name,
+        policy.store.type.value,
+        policy.dry_run,
+        now,
+        now,
+        cancelled=True,
+    )
 
 
 def _parse_time(value: Any) -> datetime | None:

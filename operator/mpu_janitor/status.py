@@ -14,6 +14,18 @@ from typing import Any
 from mpu_janitor.sweep import SweepResult
 
 READY = "Ready"
+STALLED = "Stalled"
+
+# Every reason the operator can set on Ready (documented in the CRD and the chart README).
+# Sweep outcomes: SweepSucceeded, PartialFailure, Throttled, or the one reason of a sweep that
+# listed nothing (AccessDenied, StoreUnreachable, BucketNotFound, InvalidSpec, ...).
+# Before a sweep: Sweeping (Unknown: first sight or a new spec), Suspended (True),
+# InvalidSpec, CredentialsNotFound, CredentialsUnreadable, InternalError (False).
+SWEEPING = "Sweeping"
+SUSPENDED = "Suspended"
+# Only a change of spec or Secret can help these: Stalled=True, so kstatus readers (Flux,
+# Argo CD, kpt) report a failure instead of "in progress" forever.
+STALLED_REASONS = frozenset({"InvalidSpec", "CredentialsNotFound", "AccessDenied"})
 
 
 def rfc3339(moment: datetime) -> str:
@@ -23,23 +35,23 @@ def rfc3339(moment: datetime) -> str:
 def ready_condition(
     previous: Mapping[str, Any] | None,
     *,
-    ready: bool,
+    ready: bool | None,
     reason: str,
     message: str,
     generation: int | None,
     now: datetime | None = None,
+    kind: str = READY,
 ) -> dict[str, Any]:
-    """The Ready condition; its transition time is kept while its status does not change."""
-    status = "True" if ready else "False"
-    old = next(
-        (c for c in (previous or {}).get("conditions") or [] if c.get("type") == READY), None
-    )
+    """The Ready condition (``ready`` None: Unknown); its transition time is kept while its
+    status does not change."""
+    status = "Unknown" if ready is None else "True" if ready else "False"
+    old = find_condition(previous, kind)
     moment = rfc3339(now or datetime.now(UTC))
     transition = (
         old.get("lastTransitionTime", moment) if old and old.get("status") == status else moment
     )
     condition: dict[str, Any] = {
-        "type": READY,
+        "type": kind,
         "status": status,
         "reason": reason,
         "message": message[:1024],
@@ -48,6 +60,56 @@ def ready_condition(
     if generation is not None:
         condition["observedGeneration"] = generation
     return condition
+
+
+def find_condition(status: Mapping[str, Any] | None, kind: str = READY) -> dict[str, Any] | None:
+    for condition in (status or {}).get("conditions") or []:
+        if isinstance(condition, Mapping) and condition.get("type") == kind:
+            return dict(condition)
+    return None
+
+
+def conditions(
+    previous: Mapping[str, Any] | None,
+    *,
+    ready: bool | None,
+    reason: str,
+    message: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """Ready, plus Stalled=True when only a change of spec or Secret can help."""
+    out = [
+        ready_condition(
+            previous, ready=ready, reason=reason, message=message, generation=generation
+        )
+    ]
+    if ready is False and reason in STALLED_REASONS:
+        out.append(
+            ready_condition(
+                previous,
+                ready=True,
+                reason=reason,
+                message=message,
+                generation=generation,
+                kind=STALLED,
+            )
+        )
+    return out
+
+
+def add_totals(base: Mapping[str, Any] | None, result: SweepResult) -> dict[str, int]:
+    """The running totals: those before the sweep plus what the sweep did so far. Computed
+    from the start-of-sweep totals, so a lost patch is made good by the next one."""
+    totals = dict(base or {})
+    return {
+        "abortedUploads": int(totals.get("abortedUploads", 0)) + result.total("aborted"),
+        "freedBytes": int(totals.get("freedBytes", 0)) + result.freed_bytes,
+    }
+
+
+def progress_status(base_totals: Mapping[str, Any] | None, result: SweepResult) -> dict[str, Any]:
+    """A running sweep's checkpoint: lastSweep without completionTime, totals so far."""
+    return {"lastSweep": last_sweep(result), "totals": add_totals(base_totals, result)}
 
 
 def sweep_message(result: SweepResult) -> str:
@@ -98,26 +160,28 @@ def sweep_status(
     *,
     generation: int | None,
     next_sweep: datetime | None,
+    base_totals: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The status patch after a sweep (totals accumulate across sweeps)."""
-    totals = dict((previous or {}).get("totals") or {})
-    aborted = int(totals.get("abortedUploads", 0)) + result.total("aborted")
-    freed = int(totals.get("freedBytes", 0)) + result.freed_bytes
-    return {
+    """The status patch after a sweep (totals accumulate across sweeps; ``base_totals``:
+    the totals when the sweep started, default the previous status's)."""
+    if base_totals is None:
+        base_totals = (previous or {}).get("totals")
+    status: dict[str, Any] = {
         "observedGeneration": generation,
-        "conditions": [
-            ready_condition(
-                previous,
-                ready=result.ok,
-                reason=result.reason,
-                message=sweep_message(result),
-                generation=generation,
-            )
-        ],
+        "conditions": conditions(
+            previous,
+            ready=result.ok,
+            reason=result.reason,
+            message=sweep_message(result),
+            generation=generation,
+        ),
         "lastSweep": last_sweep(result),
-        "totals": {"abortedUploads": aborted, "freedBytes": freed},
+        "totals": add_totals(base_totals, result),
         "nextSweepTime": rfc3339(next_sweep) if next_sweep else None,
     }
+    if result.ok and result.finished is not None:
+        status["lastSuccessfulSweepTime"] = rfc3339(result.finished)
+    return status
 
 
 def problem_status(
@@ -127,15 +191,15 @@ def problem_status(
     message: str,
     generation: int | None,
     next_sweep: datetime | None = None,
+    ready: bool | None = False,
 ) -> dict[str, Any]:
-    """The status patch for a policy that could not sweep (InvalidSpec, CredentialsNotFound,
-    Suspended ...); lastSweep and totals are left as they were."""
+    """The status patch for a policy that could not sweep (InvalidSpec, CredentialsNotFound
+    ...), is suspended (``ready`` True) or is about to sweep a new spec (``ready`` None);
+    lastSweep and totals are left as they were."""
     return {
         "observedGeneration": generation,
-        "conditions": [
-            ready_condition(
-                previous, ready=False, reason=reason, message=message, generation=generation
-            )
-        ],
+        "conditions": conditions(
+            previous, ready=ready, reason=reason, message=message, generation=generation
+        ),
         "nextSweepTime": rfc3339(next_sweep) if next_sweep else None,
     }

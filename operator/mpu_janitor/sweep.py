@@ -505,6 +505,8 @@ class _Sweep:
             in_flight.release()
             with self.lock:
                 futures.discard(future)
+            if progress is not None:  # after every upload: the caller decides how often to show
+                progress(self.result)
 
         with self.lock:
             self.stats(container)

@@ -253,12 +253,12 @@ async def test_update_suspend_sweep_now_and_delete(
     assert status_of(kmock, "p2")["totals"] == {"abortedUploads": 2, "freedBytes": 30}
     assert open_uploads(s3, bucket) == set()
 
-    # Suspended: Ready False/Suspended, and no sweep even on request.
+    # Suspended: Ready True/Suspended (not broken, not stalled), and no sweep even on request.
     await patch(kmock, "p2", {"metadata": {"generation": 3}, "spec": {"suspend": True}})
     await eventually(
         lambda: ready(status_of(kmock, "p2")).get("reason") == "Suspended", what="Suspended"
     )
-    assert ready(status_of(kmock, "p2"))["status"] == "False"
+    assert ready(status_of(kmock, "p2"))["status"] == "True"
     make_upload(s3, bucket, "tmp/c", [5])
     await asyncio.sleep(3.5)
     await patch(kmock, "p2", {"metadata": {"annotations": {"mpu-janitor.dev/sweep-now": "1"}}})

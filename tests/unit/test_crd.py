@@ -148,6 +148,7 @@ def test_status_schema(schema: dict[str, Any]) -> None:
         "lastSweep",
         "totals",
         "nextSweepTime",
+        "lastSuccessfulSweepTime",
         "handledSweepNow",
     }
     conditions = status["properties"]["conditions"]

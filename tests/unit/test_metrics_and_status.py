@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client import generate_latest
 
@@ -20,6 +21,23 @@ def result(**buckets: BucketStats) -> SweepResult:
     return SweepResult(
         "media", "stale", "S3", False, START, START + timedelta(seconds=3), buckets=dict(buckets)
     )
+
+
+def known_state() -> MetricsState:
+    """Metrics that know the policy media/stale (series exist only for policies seen)."""
+    state = MetricsState()
+    state.register_policy(
+        parse_policy(
+            {
+                "metadata": {"name": "stale", "namespace": "media"},
+                "spec": {
+                    "store": {"type": "S3", "s3": {"bucketPattern": "*"}},
+                    "match": {"olderThan": "1d"},
+                },
+            }
+        )
+    )
+    return state
 
 
 def scrape(state: MetricsState) -> str:
@@ -75,12 +93,14 @@ def test_series_from_a_sweep_and_their_removal() -> None:
     assert "mpu_janitor_last_successful_sweep_timestamp_seconds" in text
     assert "mpu_janitor_build_info" in text
     assert 'mpu_janitor_policy_suspended{namespace="media",policy="stale",store="S3"} 0.0' in text
+    # the alerts leave DryRun policies out of "eligible uploads persist"
+    assert 'mpu_janitor_policy_dry_run{namespace="media",policy="stale",store="S3"} 0.0' in text
     state.forget(("media", "stale"))
     assert 'policy="stale"' not in scrape(state)
 
 
 def test_gauges_of_a_bucket_no_longer_covered_disappear() -> None:
-    state = MetricsState()
+    state = known_state()
     state.record_sweep(result(**{"old-1": BucketStats(incomplete_bytes=5, listed=True)}))
     state.record_sweep(result(**{"new-1": BucketStats(incomplete_bytes=7, listed=True)}))
     text = scrape(state)
@@ -89,7 +109,7 @@ def test_gauges_of_a_bucket_no_longer_covered_disappear() -> None:
 
 
 def test_dry_run_gauges_show_what_would_be_freed() -> None:
-    state = MetricsState()
+    state = known_state()
     dry = result(
         **{
             "b-1": BucketStats(
@@ -109,7 +129,7 @@ def test_dry_run_gauges_show_what_would_be_freed() -> None:
 
 
 def test_failed_sweep_does_not_move_last_success() -> None:
-    state = MetricsState()
+    state = known_state()
     failed = result(**{"b-1": BucketStats(failed=1, listed=True)})
     failed.issues.append(SweepIssue("AccessDenied", "denied", "b-1"))
     failed.errors_by_reason["AccessDenied"] += 1
@@ -194,10 +214,18 @@ def test_the_chart_uses_only_metrics_the_operator_exports() -> None:
             }
         )
     )
-    sweep = result(**{"b-1": BucketStats(listed=True)})
+    sweep = SweepResult(
+        "n",
+        "p",
+        "S3",
+        False,
+        START,
+        START + timedelta(seconds=3),
+        buckets={"b-1": BucketStats(listed=True)},
+    )
     sweep.errors_by_reason["Throttled"] += 1
     state.record_sweep(sweep)
-    state.count_request(("media", "stale"), "S3", "ListParts", "200")
+    state.count_request(("n", "p"), "S3", "ListParts", "200")
     exported = set(re.findall(r"^(mpu_janitor_[a-z_]+)[{ ]", scrape(state), re.MULTILINE))
     dashboard = json.loads((chart / "dashboards" / "mpu-janitor.json").read_text())
     expressions = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
@@ -205,3 +233,84 @@ def test_the_chart_uses_only_metrics_the_operator_exports() -> None:
     used = set(re.findall(r"mpu_janitor_[a-z_]+", expressions))
     assert used, "no metric found in the dashboard and rules"
     assert used <= exported, used - exported
+
+
+def test_a_deleted_policys_series_never_come_back() -> None:
+    state = known_state()
+    observer = state.request_observer(("media", "stale"), "S3")
+    state.forget(("media", "stale"))
+    # A sweep still in flight when the policy was deleted reports afterwards.
+    observer("ListMultipartUploads", "200")
+    state.count_error(("media", "stale"), "S3", "Throttled")
+    state.record_sweep(result(**{"b-1": BucketStats(aborted=1, freed_bytes=5, listed=True)}))
+    assert 'policy="stale"' not in scrape(state)
+
+
+def test_counters_start_at_zero_for_every_covered_bucket() -> None:
+    state = MetricsState()
+    state.register_policy(
+        parse_policy(
+            {
+                "metadata": {"name": "stale", "namespace": "media"},
+                "spec": {
+                    "store": {"type": "S3", "s3": {"buckets": ["a-1", "b-1"]}},
+                    "match": {"olderThan": "7d"},
+                },
+            }
+        )
+    )
+    text = scrape(state)
+    for bucket in ("a-1", "b-1"):
+        assert (
+            f'mpu_janitor_freed_bytes_total{{bucket="{bucket}",namespace="media",'
+            f'policy="stale",store="S3"}} 0.0'
+        ) in text
+        assert (
+            f'mpu_janitor_aborted_uploads_total{{bucket="{bucket}",namespace="media",'
+            f'policy="stale",result="aborted",store="S3"}} 0.0'
+        ) in text
+    assert (
+        'mpu_janitor_sweep_errors_total{namespace="media",policy="stale",'
+        'reason="AccessDenied",store="S3"} 0.0'
+    ) in text
+    assert "process_start_time_seconds" in text or "python_gc_objects_collected_total" in text
+
+
+async def test_metrics_speak_openmetrics_when_asked() -> None:
+    import aiohttp
+
+    from mpu_janitor.handlers import OperatorConfig, start_http
+
+    class Ticking:
+        last_tick = 0.0
+
+    config = OperatorConfig(metrics_address="127.0.0.1", metrics_port=0)
+    runner = await start_http(config, known_state(), Ticking())  # type: ignore[arg-type]
+    try:
+        url = f"http://127.0.0.1:{config.bound_port}/metrics"
+        async with aiohttp.ClientSession() as session:
+            accept = "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            async with session.get(url, headers={"Accept": accept}) as response:
+                assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+                assert (await response.text()).endswith("# EOF\n")
+            async with session.get(url) as response:
+                assert response.headers["Content-Type"].startswith("text/plain")
+    finally:
+        await runner.cleanup()
+
+
+def test_json_logs_are_one_object_a_line(capsys: Any) -> None:
+    import json
+    import logging
+
+    from mpu_janitor.handlers import configure_logging
+
+    try:
+        configure_logging(verbose=False, log_format="json")
+        logging.getLogger("mpu_janitor.scheduler").warning("policy %s is invalid", "ns/p")
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        record = json.loads(lines[-1])
+        assert record["message"] == "policy ns/p is invalid"
+        assert record["severity"] == "warn" or record.get("level") in ("warning", "WARNING")
+    finally:
+        logging.getLogger().handlers.clear()

@@ -87,8 +87,7 @@ class RecordingKube:
 async def test_the_operator_reports_invalid_spec_when_the_client_refuses(
     monkeypatch: Any,
 ) -> None:
-    """Not a crash retried forever: InvalidSpec naming the section, no sweep until the spec
-    changes."""
+    """Not a crash: Ready=False and Stalled with InvalidSpec, naming the section."""
     from mpu_janitor.stores import s3
 
     def refuse(*_: Any, **__: Any) -> None:
@@ -106,10 +105,11 @@ async def test_the_operator_reports_invalid_spec_when_the_client_refuses(
     sched.upsert(document)
     entry = sched.entries[("ns", "p")]
     assert entry.policy is not None
-    await sched._sweep_once(entry)
+    await sched._sweep_once(entry, entry.policy, None)
     await sched.stop()
-    condition = kube.patches[-1]["conditions"][0]
-    assert (condition["status"], condition["reason"]) == ("False", "InvalidSpec")
-    assert condition["message"] == "spec.store.s3: Invalid endpoint: http://a..b"
-    assert entry.due is None and entry.policy is None
-    assert events[-1][0] == "InvalidSpec"
+    conditions = {c["type"]: c for p in kube.patches for c in p.get("conditions", [])}
+    ready = conditions["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "spec.store.s3: Invalid endpoint: http://a..b" in ready["message"]
+    assert conditions["Stalled"]["status"] == "True"
+    assert [reason for reason, _ in events] == ["InvalidSpec"]
