@@ -83,7 +83,20 @@ def make_client(
         timestamp_parser=parse_store_timestamp
     )
     client = session.client(service, endpoint_url=endpoint, config=config)
-    client.meta.events.register(f"before-parse.{service}", refuse_cut_answers)
+
+    def on_answer(response_dict: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        try:
+            refuse_cut_answers(response_dict, **kwargs)
+        except botocore.exceptions.IncompleteReadError:
+            # raised before botocore's response-received: count the cut attempt here
+            operation_model = kwargs.get("operation_model")
+            try:
+                observer(getattr(operation_model, "name", "Unknown"), "IncompleteRead")
+            except Exception:  # a broken metrics callback must never break a store call
+                log.exception("request observer failed")
+            raise
+
+    client.meta.events.register(f"before-parse.{service}", on_answer)
     if service == "s3":
         client.meta.events.register("before-parse.s3", lowercase_xml_booleans)
 
