@@ -97,13 +97,30 @@ def conditions(
     return out
 
 
-def add_totals(base: Mapping[str, Any] | None, result: SweepResult) -> dict[str, int]:
+def quantity(count: int) -> str:
+    """Bytes as a person reads them in ``kubectl get`` (a Kubernetes binary-SI quantity):
+    at most three significant digits, ``0``, ``512``, ``1.5Ki``, ``15Mi``, ``1.46Gi``."""
+    value = float(count)
+    for suffix in ("", "Ki", "Mi", "Gi", "Ti", "Pi"):
+        if value < 1024 or suffix == "Pi":
+            if not suffix:
+                return str(count)
+            digits = max(0, 3 - len(str(int(value))))  # three significant digits
+            text = f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value:.0f}"
+            return text + suffix
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def add_totals(base: Mapping[str, Any] | None, result: SweepResult) -> dict[str, Any]:
     """The running totals: those before the sweep plus what the sweep did so far. Computed
     from the start-of-sweep totals, so a lost patch is made good by the next one."""
     totals = dict(base or {})
+    freed = int(totals.get("freedBytes", 0)) + result.freed_bytes
     return {
         "abortedUploads": int(totals.get("abortedUploads", 0)) + result.total("aborted"),
-        "freedBytes": int(totals.get("freedBytes", 0)) + result.freed_bytes,
+        "freedBytes": freed,
+        "freed": quantity(freed),
     }
 
 

@@ -179,10 +179,12 @@ def test_printer_columns_and_status_subresource(crd: ControlPlane, ns: str) -> N
         "NAME",
         "STORE",
         "MODE",
+        "SUSPEND",
         "READY",
         "LAST ABORTED",
         "FREED",
         "LAST SWEEP",
+        "NEXT SWEEP",
         "AGE",
     ]
     wide = crd.kubectl("get", "ulp", "-n", ns, "-o", "wide").stdout.splitlines()
@@ -190,11 +192,14 @@ def test_printer_columns_and_status_subresource(crd: ControlPlane, ns: str) -> N
         "NAME",
         "STORE",
         "MODE",
+        "SUSPEND",
         "READY",
         "REASON",
+        "ELIGIBLE",
         "LAST ABORTED",
         "FREED",
         "LAST SWEEP",
+        "NEXT SWEEP",
         "AGE",
         "MESSAGE",
     ]

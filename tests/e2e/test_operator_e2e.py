@@ -216,15 +216,19 @@ def test_policy_lifecycle_with_kubectl(
         "NAME",
         "STORE",
         "MODE",
+        "SUSPEND",
         "READY",
         "LAST",
         "ABORTED",
         "FREED",
         "LAST",
         "SWEEP",
+        "NEXT",
+        "SWEEP",
         "AGE",
     ]
-    assert table[1].split()[:6] == ["stale", "S3", "Abort", "True", "1", "1234"]
+    # freed storage as a person reads it: 1234 bytes is 1.21Ki
+    assert table[1].split()[:7] == ["stale", "S3", "Abort", "false", "True", "1", "1.21Ki"]
     reasons = [e["reason"] for e in events(plane, namespace, "stale")]
     assert reasons.count("SweepSucceeded") == 1
     # No finalizer: deleting the policy never waits for the operator.

@@ -243,6 +243,7 @@ def test_deployment_defaults(tmp_path: Path) -> None:
     assert args.metrics_address == "0.0.0.0" and args.metrics_port == 8080
     assert args.standalone is True and args.peering is None
     assert args.verbose is False
+    assert args.log_format == "text"
     service = only(objects, "Service")
     assert service["spec"]["ports"] == [
         {"name": "http-metrics", "port": 8080, "targetPort": "http-metrics", "protocol": "TCP"}
@@ -762,3 +763,8 @@ def test_the_minio_example_can_act_before_minio_itself() -> None:
     assert "stale_uploads_expiry" in text
     readme = (CHART / "README.md").read_text()
     assert "MINIO_API_STALE_UPLOADS_EXPIRY" in readme
+
+
+def test_log_format_value_reaches_the_operator(tmp_path: Path) -> None:
+    objects = render(tmp_path, values={"operator": {"logFormat": "json"}})
+    assert parsed_args(objects).log_format == "json"

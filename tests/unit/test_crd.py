@@ -183,7 +183,8 @@ def test_status_schema(schema: dict[str, Any]) -> None:
     assert set(last_sweep) == counts | {"startTime", "completionTime"}
     for name in counts:
         assert last_sweep[name]["type"] == "integer" and last_sweep[name]["minimum"] == 0
-    assert set(status["properties"]["totals"]["properties"]) == {"abortedUploads", "freedBytes"}
+    totals = set(status["properties"]["totals"]["properties"])
+    assert totals == {"abortedUploads", "freedBytes", "freed"}
     assert status["properties"]["nextSweepTime"]["format"] == "date-time"
 
 
@@ -196,11 +197,15 @@ def test_printer_columns(version: dict[str, Any]) -> None:
     assert columns == [
         ("Store", "string", ".spec.store.type", 0),
         ("Mode", "string", ".spec.mode", 0),
+        ("Suspend", "boolean", ".spec.suspend", 0),
         ("Ready", "string", f"{ready}.status", 0),
         ("Reason", "string", f"{ready}.reason", 1),
+        ("Eligible", "integer", ".status.lastSweep.eligible", 1),
         ("Last aborted", "integer", ".status.lastSweep.aborted", 0),
-        ("Freed", "integer", ".status.totals.freedBytes", 0),
+        ("Freed", "string", ".status.totals.freed", 0),
         ("Last sweep", "date", ".status.lastSweep.completionTime", 0),
+        # a future time: a date column would print <invalid>
+        ("Next sweep", "string", ".status.nextSweepTime", 0),
         ("Age", "date", ".metadata.creationTimestamp", 0),
         ("Message", "string", f"{ready}.message", 1),
     ]

@@ -6,6 +6,7 @@ import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 
 from mpu_janitor.metrics import MetricsState, new_registry
@@ -172,7 +173,7 @@ def test_status_totals_accumulate_and_problems_keep_them() -> None:
     one = result(**{"b-1": BucketStats(aborted=2, freed_bytes=100, listed=True)})
     first = sweep_status({}, one, generation=1, next_sweep=START)
     second = sweep_status(first, one, generation=1, next_sweep=START)
-    assert second["totals"] == {"abortedUploads": 4, "freedBytes": 200}
+    assert second["totals"] == {"abortedUploads": 4, "freedBytes": 200, "freed": "200"}
     assert second["nextSweepTime"] == "2030-01-01T00:00:00Z"
     problem = problem_status(second, reason="CredentialsNotFound", message="gone", generation=1)
     assert "totals" not in problem and "lastSweep" not in problem
@@ -314,3 +315,22 @@ def test_json_logs_are_one_object_a_line(capsys: Any) -> None:
         assert record["severity"] == "warn" or record.get("level") in ("warning", "WARNING")
     finally:
         logging.getLogger().handlers.clear()
+
+
+@pytest.mark.parametrize(
+    ("count", "shown"),
+    [
+        (0, "0"),
+        (512, "512"),
+        (1024, "1Ki"),
+        (1234, "1.21Ki"),
+        (15 * 2**20, "15Mi"),
+        (1_564_119_715, "1.46Gi"),
+        (100 * 2**20, "100Mi"),
+        (1023 * 1024, "1023Ki"),
+    ],
+)
+def test_freed_bytes_as_a_person_reads_them(count: int, shown: str) -> None:
+    from mpu_janitor.status import quantity
+
+    assert quantity(count) == shown

@@ -422,9 +422,17 @@ async def test_a_long_sweep_checkpoints_its_counts(monkeypatch: pytest.MonkeyPat
     sched.upsert(body("p", S3))
     await sweep_now(sched, "p")
     checkpoints = [p for p in seen if "lastSweep" in p]
-    assert checkpoints and checkpoints[0]["totals"] == {"abortedUploads": 1, "freedBytes": 40}
+    assert checkpoints and checkpoints[0]["totals"] == {
+        "abortedUploads": 1,
+        "freedBytes": 40,
+        "freed": "40",
+    }
     assert checkpoints[0]["lastSweep"]["completionTime"] is None
-    assert last_status(kube, "p")["totals"] == {"abortedUploads": 1, "freedBytes": 100}
+    assert last_status(kube, "p")["totals"] == {
+        "abortedUploads": 1,
+        "freedBytes": 100,
+        "freed": "100",
+    }
 
 
 async def test_a_failed_status_patch_is_retried_and_its_totals_kept(
@@ -440,9 +448,17 @@ async def test_a_failed_status_patch_is_retried_and_its_totals_kept(
     sched.entries[("ns", "p")].writer.retry_delays = (0.01,)
     kube.fail_patches = 2
     await sweep_now(sched, "p")
-    assert last_status(kube, "p")["totals"] == {"abortedUploads": 1, "freedBytes": 100}
+    assert last_status(kube, "p")["totals"] == {
+        "abortedUploads": 1,
+        "freedBytes": 100,
+        "freed": "100",
+    }
     await sweep_now(sched, "p")
-    assert last_status(kube, "p")["totals"] == {"abortedUploads": 2, "freedBytes": 150}
+    assert last_status(kube, "p")["totals"] == {
+        "abortedUploads": 2,
+        "freedBytes": 150,
+        "freed": "150",
+    }
 
 
 async def test_a_standby_adopts_the_status_its_peer_writes() -> None:
