@@ -247,6 +247,22 @@ class Policy:
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
+    def store_expiry_note(self) -> str | None:
+        """Why this policy may never act: its store aborts uploads of its olderThan by itself
+        (MinIO, after 24 h by default). None when the store has no such expiry."""
+        if self.store.s3 is None:
+            return None
+        profile = s3_profile(self.store.s3.profile)
+        expiry = profile.self_expiry_seconds
+        if expiry is None or self.match.older_than < timedelta(seconds=expiry):
+            return None
+        return (
+            f"olderThan {format_duration(self.match.older_than)} is at or above the age at "
+            f"which {profile.name} aborts incomplete uploads itself ({profile.self_expiry}): "
+            "unless that expiry was raised, the store frees them first and this policy "
+            "finds nothing to abort"
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # Parsing

@@ -381,6 +381,7 @@ class Scheduler:
             generation=entry.generation,
             next_sweep=next_due,
             base_totals=base_totals,
+            note=policy.store_expiry_note(),
         )
         self._write(entry, {**status, **handled})
         self.metrics.set_ready(

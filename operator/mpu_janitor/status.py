@@ -178,18 +178,21 @@ def sweep_status(
     generation: int | None,
     next_sweep: datetime | None,
     base_totals: Mapping[str, Any] | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
     """The status patch after a sweep (totals accumulate across sweeps; ``base_totals``:
-    the totals when the sweep started, default the previous status's)."""
+    the totals when the sweep started, default the previous status's; ``note``: what the
+    Ready message must add, e.g. the policy's own warning)."""
     if base_totals is None:
         base_totals = (previous or {}).get("totals")
+    message = sweep_message(result) + (f"; note: {note}" if note else "")
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": conditions(
             previous,
             ready=result.ok,
             reason=result.reason,
-            message=sweep_message(result),
+            message=message,
             generation=generation,
         ),
         "lastSweep": last_sweep(result),

@@ -334,3 +334,19 @@ def test_freed_bytes_as_a_person_reads_them(count: int, shown: str) -> None:
     from mpu_janitor.status import quantity
 
     assert quantity(count) == shown
+
+
+def test_a_policy_note_reaches_the_ready_message() -> None:
+    from mpu_janitor.status import sweep_status
+
+    status = sweep_status(
+        None,
+        result(**{"b-1": BucketStats(listed=True)}),
+        generation=1,
+        next_sweep=None,
+        note="olderThan 1w is at or above the age at which MinIO aborts uploads itself",
+    )
+    (ready,) = [c for c in status["conditions"] if c["type"] == "Ready"]
+    assert ready["message"].endswith(
+        "; note: olderThan 1w is at or above the age at which MinIO aborts uploads itself"
+    )

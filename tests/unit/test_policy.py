@@ -390,3 +390,15 @@ def test_profile_rules_are_data() -> None:
     source = inspect.getsource(policy)
     for name in ("MinIO", "Ceph", "Scality", "TencentCOS"):
         assert source.count(f'"{name}"') <= 1, name  # only in the S3_PROFILES tuple
+
+
+def test_a_minio_policy_older_than_minios_own_expiry_is_told_so() -> None:
+    def minio(older_than: str) -> Any:
+        s3 = {"endpoint": "http://minio:9000", "profile": "MinIO", "buckets": ["media"]}
+        spec = {"store": {"type": "S3", "s3": s3}, "match": {"olderThan": older_than}}
+        return parse_policy({"metadata": {"name": "p", "namespace": "n"}, "spec": spec})
+
+    note = minio("7d").store_expiry_note()
+    assert note is not None and "olderThan 1w" in note and "MinIO" in note
+    assert minio("1d").store_expiry_note() is not None  # at the expiry: MinIO is first
+    assert minio("23h").store_expiry_note() is None

@@ -19,6 +19,7 @@ class S3Profile:
     directory_buckets: bool
     bucket_suffix_regex: str | None = None
     self_expiry: str | None = None
+    self_expiry_seconds: int | None = None  # the age at which the store aborts uploads itself
     abort_may_delete_object: bool = False
     unknown_abort_answers_204: bool = False
 
