@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check and every test, from nothing: the virtualenv (uv + the locked requirements), the
-# Go-built binaries (etcd, kube-apiserver, kube-controller-manager, kubectl, helm, minio,
-# promtool; cached by version), lint, types, then the three test tiers.
+# Go-built binaries (etcd, kube-apiserver, kube-controller-manager, kubectl, helm, helm-docs,
+# minio, promtool, toxiproxy; cached by version), Debian's Ceph packages, lint, types, then the
+# test tiers (unit, integration, e2e, reliability).
 # Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
