@@ -166,6 +166,7 @@ class Scheduler:
         self.entries: dict[tuple[str, str], PolicyEntry] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self.last_tick = time.monotonic()
 
@@ -280,12 +281,16 @@ class Scheduler:
         self._loop_task = asyncio.create_task(self._run(), name="mpu-janitor-scheduler")
 
     async def stop(self) -> None:
+        # The flag, not only the cancellation, ends the loop: on Python 3.11 asyncio.wait_for
+        # swallows a cancellation that arrives as its inner wait completes (a sweep setting
+        # the wakeup just as we stop), and the loop would go on forever.
+        self._stopping = True
         for entry in self.entries.values():
             entry.cancel.set()
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            self._wakeup.set()
+            await asyncio.wait({self._loop_task}, timeout=10)
         running = [e.task for e in self.entries.values() if e.task and not e.task.done()]
         if running:
             await asyncio.wait(running, timeout=30)
@@ -294,7 +299,7 @@ class Scheduler:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 timeout = await self._tick()
             except asyncio.CancelledError:
@@ -307,6 +312,8 @@ class Scheduler:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
 
     async def _tick(self) -> float:
+        if self._stopping:
+            return 0.05  # no new sweep once stopping
         self.last_tick = time.monotonic()
         now = time.monotonic()
         due = [

@@ -586,3 +586,22 @@ async def test_a_policy_waiting_for_a_busy_target_holds_no_slot(
         await asyncio.sleep(0.02)
     await sched.stop()
     assert sorted(done) == ["elsewhere", "shared-0", "shared-1", "shared-2", "shared-3"]
+
+
+async def test_stop_ends_the_loop_even_when_a_wakeup_races_the_cancellation() -> None:
+    """On Python 3.11, asyncio.wait_for swallows a cancellation that arrives as its inner wait
+    completes: a sweep setting the wakeup just as the operator stops must not keep the loop
+    (and the stop) going forever."""
+    kube = RecordingKube()
+
+    async def post(*_: Any) -> None:
+        pass
+
+    for _ in range(20):
+        sched = Scheduler(kube, MetricsState(), post)  # type: ignore[arg-type]
+        sched.start()
+        await asyncio.sleep(0.01)  # the loop waits for its wakeup
+        sched._wakeup.set()  # the inner wait completes...
+        stopping = asyncio.ensure_future(sched.stop())  # ...as the cancellation arrives
+        done, _ = await asyncio.wait({stopping}, timeout=15)
+        assert done, "stop() never returned: the scheduler loop outlived its cancellation"
