@@ -4,8 +4,10 @@
 # pinned version, into
 # ${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor/bin. Builds only what is missing; a failed build
 # exits non-zero (the tests never skip a missing binary).
+# Optional, built only when named: rclone (the peer bench/bench_side_by_side.py compares with;
+# long to build, and no test needs it).
 #
-# Usage: scripts/build-binaries.sh [NAME...]   (default: all)
+# Usage: scripts/build-binaries.sh [NAME...]   (default: all but the optional ones)
 #        scripts/build-binaries.sh --print-dir
 set -euo pipefail
 
@@ -21,6 +23,8 @@ MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 PROMETHEUS_VERSION=v0.315.0
 # toxiproxy's server, for the reliability tier (faults between the engine and MinIO).
 TOXIPROXY_VERSION=v2.5.0
+# rclone, optional: only the side-by-side benchmark runs it.
+RCLONE_VERSION=v1.76.0
 
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/mpu-janitor"
 BIN_DIR="$CACHE_ROOT/bin"
@@ -42,6 +46,7 @@ bin_path() {
     minio) echo "$BIN_DIR/minio-$MINIO_VERSION" ;;
     promtool) echo "$BIN_DIR/promtool-$PROMETHEUS_VERSION" ;;
     toxiproxy) echo "$BIN_DIR/toxiproxy-$TOXIPROXY_VERSION" ;;
+    rclone) echo "$BIN_DIR/rclone-$RCLONE_VERSION" ;;
     *) log "unknown binary: $1"; exit 2 ;;
   esac
 }
@@ -248,6 +253,20 @@ build_toxiproxy() {
   mv "$dir/server" "$out"
 }
 
+# rclone's version string comes from its fs package (as its Makefile sets it).
+build_rclone() {
+  local out; out=$(bin_path rclone)
+  lock_build "rclone-$RCLONE_VERSION"
+  [[ -x "$out" ]] && return 0
+  log "building rclone $RCLONE_VERSION (several minutes)"
+  local dir="$WORK_DIR/rclone-$RCLONE_VERSION"
+  mkdir -p "$dir"
+  GOBIN="$dir" go install -trimpath \
+    -ldflags "-s -w -X github.com/rclone/rclone/fs.Version=$RCLONE_VERSION" \
+    "github.com/rclone/rclone@$RCLONE_VERSION"
+  mv "$dir/rclone" "$out"
+}
+
 targets=("$@")
 ((${#targets[@]})) || targets=(etcd minio helm helm-docs promtool toxiproxy kube-apiserver kube-controller-manager kubectl)
 need_kube=0
@@ -261,6 +280,7 @@ for t in "${targets[@]}"; do
     minio) (build_minio) ;;
     promtool) (build_promtool) ;;
     toxiproxy) (build_toxiproxy) ;;
+    rclone) (build_rclone) ;;
     kube-apiserver|kube-controller-manager|kubectl) need_kube=1 ;;
     *) log "unknown binary: $t"; exit 2 ;;
   esac

@@ -15,6 +15,7 @@ from bench.bench_minio_sweep import (
     timed_inventory,
     timed_sweep,
 )
+from bench.bench_side_by_side import PART_SIZE, side_by_side, table
 from bench.streaming_store import StreamingStore
 
 from mpu_janitor.policy import parse_policy
@@ -84,3 +85,22 @@ def test_minio_benchmark_counts_requests_and_bytes(minio: MinioServer) -> None:
     time.sleep(SETTLE_SECONDS)
     cli = timed_cli(minio, s3, seeded, 4, 10000)
     assert cli.ok, cli.summary
+
+
+@pytest.mark.integration
+def test_side_by_side_benchmark_checks_and_counts_without_rclone() -> None:
+    """The side-by-side bench at a tiny N, rclone left out (the tests never build rclone)."""
+    report = side_by_side([(4, 12)], ["mpu-janitor", "bare"])
+    assert report.ok, [run.problems for run in report.runs]
+    janitor, bare = report.runs
+    assert (janitor.tool, bare.tool) == ("mpu-janitor", "bare")
+    assert janitor.detail["freedBytes"] == 12 * PART_SIZE
+    # Counted by MinIO: one listing, then ListParts, abort and the verifying ListParts each.
+    assert janitor.requests == {
+        "ListMultipartUploads": 1,
+        "ListObjectParts": 2 * 12,
+        "AbortMultipartUpload": 12,
+    }
+    assert bare.requests == {"ListMultipartUploads": 1, "AbortMultipartUpload": 12}
+    lines = table(report)
+    assert len(lines) == 2 + 2 and "| mpu-janitor sweep | 4 ms | 12 |" in lines[2]
