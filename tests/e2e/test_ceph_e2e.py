@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from mpu_janitor.status import quantity
 from tests.e2e.test_operator_e2e import (
     REPO,
     Operator,
@@ -99,6 +100,7 @@ def test_operator_sweeps_ceph_with_the_example_policy(
         assert status(plane, namespace, name)["totals"] == {
             "abortedUploads": 2,
             "freedBytes": freed,
+            "freed": quantity(freed),
         }
         assert open_uploads(s3, bucket) == set()
         assert open_uploads(s3, other_bucket) == {("tmp/a.bin", elsewhere)}

@@ -255,7 +255,11 @@ def test_policy_lifecycle_with_kubectl(
         timeout=60,
         what="sweep of generation 2",
     )
-    assert status(plane, namespace, "stale")["totals"] == {"abortedUploads": 2, "freedBytes": 1284}
+    assert status(plane, namespace, "stale")["totals"] == {
+        "abortedUploads": 2,
+        "freedBytes": 1284,
+        "freed": "1.25Ki",
+    }
     assert open_uploads(s3, bucket) == set()
 
     # Suspend: Ready True with reason Suspended; a sweep request is not acted on.
@@ -605,6 +609,7 @@ def test_peering_keeps_one_replica_sweeping(
         assert status(plane, namespace, "shared")["totals"] == {
             "abortedUploads": 2,
             "freedBytes": 8,
+            "freed": "8",
         }
 
 

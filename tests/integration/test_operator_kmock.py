@@ -182,7 +182,7 @@ async def test_policy_sweeps_and_reports(
     full = status_of(kmock, "p1")
     assert ready(full)["status"] == "True"
     assert ready(full)["reason"] == "SweepSucceeded"
-    assert full["totals"] == {"abortedUploads": 2, "freedBytes": 1031}
+    assert full["totals"] == {"abortedUploads": 2, "freedBytes": 1031, "freed": "1.01Ki"}
     assert open_uploads(s3, bucket) == set()
     text = await scrape(operator)
     assert (
@@ -250,7 +250,11 @@ async def test_update_suspend_sweep_now_and_delete(
         what="sweep after the update",
     )
     assert second
-    assert status_of(kmock, "p2")["totals"] == {"abortedUploads": 2, "freedBytes": 30}
+    assert status_of(kmock, "p2")["totals"] == {
+        "abortedUploads": 2,
+        "freedBytes": 30,
+        "freed": "30",
+    }
     assert open_uploads(s3, bucket) == set()
 
     # Suspended: Ready True/Suspended (not broken, not stalled), and no sweep even on request.
