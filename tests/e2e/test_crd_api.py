@@ -218,8 +218,8 @@ def test_printer_columns_and_status_subresource(crd: ControlPlane, ns: str) -> N
                     "observedGeneration": 1,
                 }
             ],
-            "lastSweep": {"completionTime": "2026-01-01T00:00:00Z", "aborted": 3},
-            "totals": {"abortedUploads": 3, "freedBytes": 123456789},
+            "lastSweep": {"completionTime": "2026-01-01T00:00:00Z", "eligible": 5, "aborted": 3},
+            "totals": {"abortedUploads": 3, "freedBytes": 123456789, "freed": "118Mi"},
         },
         # Through the status subresource a spec change is ignored.
         "spec": {"mode": "Abort"},
@@ -236,7 +236,18 @@ def test_printer_columns_and_status_subresource(crd: ControlPlane, ns: str) -> N
         json.dumps(status),
     )
     row = crd.kubectl("get", "ulp", "-n", ns, "-o", "wide", "--no-headers").stdout.split()
-    assert row[:7] == ["stale-uploads", "S3", "DryRun", "True", "SweepSucceeded", "3", "123456789"]
+    # suspend, ready, reason, eligible (wide), last aborted, freed as a person reads it
+    assert row[:9] == [
+        "stale-uploads",
+        "S3",
+        "DryRun",
+        "false",
+        "True",
+        "SweepSucceeded",
+        "5",
+        "3",
+        "118Mi",
+    ]
     assert " ".join(row).endswith("aborted 3 uploads")
     stored = crd.kubectl_json("get", "ulp", "stale-uploads", "-n", ns)
     assert stored["spec"]["mode"] == "DryRun"
