@@ -40,6 +40,7 @@ from mpu_janitor.status import (
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import Store, StoreCredentials, StoreError
 from mpu_janitor.sweep import NOTICE_REASONS, SweepResult, TargetLocks, run_sweep
+from mpu_janitor.tenancy import Tenancy
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,9 @@ class Scheduler:
         locks: TargetLocks | None = None,
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
         progress_seconds: float | None = None,
+        tenancy: Tenancy | None = None,
     ) -> None:
+        self.tenancy = tenancy or Tenancy()
         self.progress_seconds = PROGRESS_SECONDS if progress_seconds is None else progress_seconds
         self.lilt_inventory_dir = os.path.realpath(lilt_inventory_dir)
         self.kube = kube
@@ -262,16 +265,22 @@ class Scheduler:
         )
 
     def _check_operator_limits(self, policy: Policy) -> None:
-        """What a policy may ask of this operator: a LILT inventory only under the directory the
-        operator was given, so no policy can make the operator rewrite any other file."""
+        """What a policy may ask of this operator: endpoints the installer allows (never a
+        metadata address unless allowed), and a LILT inventory only under its own namespace's
+        directory of the one the operator was given, so no policy can make the operator rewrite
+        another tenant's inventory or any other file."""
+        refused = self.tenancy.check_endpoints(policy)
+        if refused is not None:
+            raise PolicyError(*refused)
         lilt = policy.store.lilt
         if lilt is not None:
+            own = os.path.join(self.lilt_inventory_dir, policy.namespace)
             path = os.path.realpath(lilt.inventory_path)
-            if os.path.commonpath([path, self.lilt_inventory_dir]) != self.lilt_inventory_dir:
+            if path == own or os.path.commonpath([path, own]) != own:
                 raise PolicyError(
                     "spec.store.lilt.inventoryPath",
-                    f"{lilt.inventory_path!r} must be under {self.lilt_inventory_dir} "
-                    "(the operator's --lilt-inventory-dir)",
+                    f"{lilt.inventory_path!r} must be under {own}/ (the operator's "
+                    "--lilt-inventory-dir, then the policy's namespace; symlinks resolved)",
                 )
 
     # -- the loop --------------------------------------------------------------------------------
@@ -350,7 +359,9 @@ class Scheduler:
 
     async def _sweep_once(self, entry: PolicyEntry, policy: Policy, request: str | None) -> None:
         try:
-            credentials = await load_credentials(self.kube, policy)
+            credentials = await load_credentials(
+                self.kube, policy, ambient=self.tenancy.ambient_allowed(policy.namespace)
+            )
         except CredentialsNotFound as error:
             self._failed(entry, policy, request, error.reason, str(error), announce=False)
             return
