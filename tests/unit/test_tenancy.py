@@ -332,3 +332,64 @@ async def test_a_lilt_inventory_must_be_under_the_policys_own_namespace(tmp_path
         assert (condition["status"], condition["reason"]) == ("False", "InvalidSpec")
         assert condition["message"].startswith("spec.store.lilt.inventoryPath:")
         assert str(root / "team-a") in condition["message"]
+
+
+# -- the installer's settings: operator flags and chart values ------------------------------------
+
+
+def operator_tenancy(monkeypatch: pytest.MonkeyPatch, *argv: str) -> Tenancy:
+    from mpu_janitor import cli, handlers
+
+    seen: dict[str, Any] = {}
+
+    def run_operator(**kwargs: Any) -> int:
+        seen.update(kwargs)
+        return 0
+
+    monkeypatch.setattr(handlers, "run_operator", run_operator)
+    assert cli.main(["operator", *argv]) == 0
+    tenancy = seen["tenancy"]
+    assert isinstance(tenancy, Tenancy)
+    return tenancy
+
+
+def test_the_operators_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAMESPACE", "janitor")
+    default = operator_tenancy(monkeypatch)
+    assert default.ambient_namespaces == {"janitor"} and default.allowed_endpoints == ()
+    listed = operator_tenancy(
+        monkeypatch,
+        "--ambient-credentials-namespaces",
+        "ops,platform",
+        "--allowed-endpoints",
+        r"https://s3\.example\.com",
+        "--allowed-endpoints=http://minio\\.minio:9000",
+    )
+    assert listed.ambient_namespaces == {"ops", "platform"}
+    assert [p.pattern for p in listed.allowed_endpoints] == [
+        r"https://s3\.example\.com",
+        r"http://minio\.minio:9000",
+    ]
+    assert operator_tenancy(
+        monkeypatch, "--ambient-credentials-namespaces="
+    ).ambient_namespaces == (frozenset())
+
+
+def test_without_a_known_namespace_no_ambient_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mpu_janitor import tenancy
+
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+    monkeypatch.setattr(tenancy, "SERVICE_ACCOUNT_NAMESPACE_FILE", "/nonexistent/namespace")
+    assert operator_tenancy(monkeypatch).ambient_namespaces == frozenset()
+
+
+def test_a_bad_allow_list_flag_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mpu_janitor import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["operator", "--allowed-endpoints", "(unclosed"])
+    assert "--allowed-endpoints" in capsys.readouterr().err
