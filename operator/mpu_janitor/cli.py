@@ -35,7 +35,13 @@ from mpu_janitor.progress import Progress
 from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
-from mpu_janitor.tenancy import Tenancy, operator_namespace, parse_namespaces
+from mpu_janitor.tenancy import (
+    Tenancy,
+    install_redaction,
+    operator_namespace,
+    parse_namespaces,
+    remember_environment_secrets,
+)
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -409,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # -v logs botocore's requests: secret values and signatures are scrubbed from every record.
+    remember_environment_secrets()
+    install_redaction()
     if args.command == "operator":
         from mpu_janitor import handlers
 

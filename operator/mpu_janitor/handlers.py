@@ -26,7 +26,7 @@ from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
 from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
-from mpu_janitor.tenancy import Tenancy
+from mpu_janitor.tenancy import Tenancy, install_redaction
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,7 @@ def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
         )
     for noisy in ("botocore", "urllib3", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_redaction()  # secret values and signatures never reach a log line
 
 
 def run_operator(

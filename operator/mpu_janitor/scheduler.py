@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -40,7 +41,7 @@ from mpu_janitor.status import (
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import Store, StoreCredentials, StoreError
 from mpu_janitor.sweep import NOTICE_REASONS, SweepResult, TargetLocks, run_sweep
-from mpu_janitor.tenancy import Tenancy
+from mpu_janitor.tenancy import ERROR_TEXT_LIMIT, Tenancy, scrub
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +378,11 @@ class Scheduler:
             return
         if entry.deleted:
             return
+        # Store error texts reach status and Events short and without credential-like text.
+        result.issues[:] = [
+            dataclasses.replace(issue, message=scrub(issue.message, ERROR_TEXT_LIMIT))
+            for issue in result.issues
+        ]
         self.metrics.record_sweep(result)
         handled = {"handledSweepNow": request} if request is not None else {}
         if result.cancelled or entry.policy is not policy:
@@ -463,7 +469,7 @@ class Scheduler:
     def _write(self, entry: PolicyEntry, patch: Mapping[str, Any]) -> None:
         if entry.deleted:
             return
-        task = entry.writer.write(patch)
+        task = entry.writer.write(_scrubbed(patch))
         if task is not None:
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
@@ -480,7 +486,7 @@ class Scheduler:
         if entry.deleted:
             return
         try:
-            await self.post_event(entry.body, kind, reason, message)
+            await self.post_event(entry.body, kind, reason, scrub(message))
         except Exception as error:  # an Event is news, not state: never worth a crash
             log.warning("could not post a %s event for %s/%s: %s", reason, *entry.key, error)
 
@@ -568,11 +574,23 @@ def _open(
     try:
         return open_store(policy.store, credentials, observer)
     except StoreError as error:
-        raise SweepFailed(error.reason, f"the store cannot be opened: {error}") from error
+        text = scrub(str(error), ERROR_TEXT_LIMIT)
+        raise SweepFailed(error.reason, f"the store cannot be opened: {text}") from error
     except ValueError as error:  # botocore's InvalidRegionError and friends: a bad spec
         raise SweepFailed(
             "InvalidSpec", f"spec.store: the store cannot be opened: {error}"
         ) from error
+
+
+def _scrubbed(value: Any) -> Any:
+    """A status patch with every string scrubbed of credential-like text."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, Mapping):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(item) for item in value]
+    return value
 
 
 def _cancelled(policy: Policy) -> SweepResult:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import json
 import threading
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -393,3 +394,69 @@ def test_a_bad_allow_list_flag_is_refused(
     with pytest.raises(SystemExit):
         cli.main(["operator", "--allowed-endpoints", "(unclosed"])
     assert "--allowed-endpoints" in capsys.readouterr().err
+
+
+# -- 5. secrets in status and Events ------------------------------------------------------------
+
+
+class EchoingLilt(http.server.BaseHTTPRequestHandler):
+    """A LILT that refuses the key and echoes the request's credentials in a long error body."""
+
+    headers_seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.headers_seen.append(str(self.headers.get("Authorization")))
+        echoed = f"key {LEAKY_KEY} rejected; Authorization: {self.headers.get('Authorization')}"
+        payload = json.dumps({"message": f"{echoed} {'x' * 3000}"}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+LEAKY_KEY = "lilt-PLANTED-key-0c9b8a7f"
+
+
+async def test_store_error_bodies_reach_status_and_events_scrubbed_and_short(
+    tmp_path: Path,
+) -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoingLilt)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        inventory = tmp_path / "team-a" / "inventory.jsonl"
+        inventory.parent.mkdir()
+        record_upload(inventory, "u-1", "k", initiated=datetime.now(UTC) - timedelta(days=2))
+        kube = RecordingKube()
+        events: list[str] = []
+
+        async def post(obj: Any, kind: str, reason: str, message: str) -> None:
+            events.append(message)
+
+        sched = Scheduler(
+            kube,  # type: ignore[arg-type]
+            MetricsState(),
+            post,
+            lilt_inventory_dir=str(tmp_path),
+        )
+        kube.secrets["team-a", "lilt"] = secret(LILT_API_KEY=LEAKY_KEY)
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        sched.upsert(body("echo", "team-a", lilt(url, str(inventory), secret="lilt")))
+        condition = (await settled(sched, kube, "echo"))["echo"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert condition["status"] == "False"
+    assert "LILT rejected the API key" in condition["message"]
+    (basic,) = set(EchoingLilt.headers_seen)
+    assert LEAKY_KEY in base64.b64decode(basic.split()[1]).decode()
+    texts = [str(status) for _, status in kube.patches] + events
+    assert events
+    for text in texts:
+        assert LEAKY_KEY not in text
+        assert basic not in text
+        assert "x" * 400 not in text  # the body was cut short
