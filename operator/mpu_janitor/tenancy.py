@@ -140,21 +140,20 @@ class Tenancy:
 
 REDACTED = "[REDACTED]"
 
+# A value's opening: after ``:`` or ``=``, maybe a bytes repr's b and a quote.
+_OPEN = r"['\"]?\s*[:=]\s*b?['\"]?"
 _PATTERNS = (
     # Session tokens in headers, canonical requests, query strings and dict reprs.
-    re.compile(
-        r"(?i)(x-amz-security-token['\"]?\s*[:=]\s*['\"]?|x-amz-security-token%3d)[^\s'\",;&}]+"
-    ),
+    re.compile(rf"(?i)(x-amz-security-token{_OPEN}|x-amz-security-token%3d)[^\s'\",;&}}]+"),
     # SigV4: the access key in the credential scope and the signature itself.
     re.compile(r"(?i)((?:x-amz-)?credential\s*[=:]\s*)[^\s'\",;&}]+"),
-    re.compile(r"(?i)((?:x-amz-)?signature\s*[=:]\s*['\"]?)[0-9a-f]{16,}"),
+    re.compile(rf"(?i)((?:x-amz-)?signature{_OPEN})[0-9a-f]{{16,}}"),
     re.compile(r"(?i)(signature:\s*\n?)[0-9a-f]{64}"),
     # HTTP auth headers (Basic carries the LILT key), and SigV2 "AWS AKID:sig".
+    re.compile(rf"(?i)(authorization{_OPEN})(?:basic|bearer|aws4?-[\w-]+|aws)\s[^'\"\n}}]+"),
     re.compile(
-        r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?)(?:basic|bearer|aws4?-[\w-]+|aws)\s[^'\"\n}]+"
-    ),
-    re.compile(
-        r"(?i)((?:aws_)?(?:secret_access_key|session_token|api_key|apikey|password)['\"]?\s*[:=]\s*['\"]?)[^\s'\",;&}]+"
+        rf"(?i)((?:aws_)?(?:secret_access_key|session_token|api_key|apikey|password){_OPEN})"
+        r"[^\s'\",;&}]+"
     ),
 )
 

@@ -460,3 +460,24 @@ async def test_store_error_bodies_reach_status_and_events_scrubbed_and_short(
         assert LEAKY_KEY not in text
         assert basic not in text
         assert "x" * 400 not in text  # the body was cut short
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "headers={'X-Amz-Security-Token': b'UNKNOWNtok3n', 'Authorization': b'AWS4-HMAC-SHA256 "
+        "Credential=AKIAUNKNOWN/20261122/us-east-1/s3/aws4_request, SignedHeaders=host, "
+        "Signature=abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789'}",
+        "CanonicalRequest:\nGET\n/b\n\nhost:x\nx-amz-security-token:UNKNOWNtok3n\n\nhost",
+        "Signature:\nabcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789",
+        "url=https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAUNKNOWN%2F2026&"
+        "X-Amz-Security-Token=UNKNOWNtok3n&X-Amz-Signature=abcdef0123456789abcdef01",
+        "{'Authorization': b'Basic OlVOS05PV050b2szbg=='}",
+    ],
+)
+def test_credential_like_text_is_scrubbed_even_when_its_value_is_unknown(line: str) -> None:
+    from mpu_janitor.tenancy import scrub
+
+    text = scrub(line)
+    for secret in ("UNKNOWNtok3n", "AKIAUNKNOWN", "abcdef0123456789", "OlVOS05PV050b2szbg"):
+        assert secret not in text, text
