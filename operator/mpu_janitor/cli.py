@@ -35,6 +35,13 @@ from mpu_janitor.progress import Progress
 from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
+from mpu_janitor.tenancy import (
+    Tenancy,
+    install_redaction,
+    operator_namespace,
+    parse_namespaces,
+    remember_environment_secrets,
+)
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -379,6 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="LILT policies may only name inventories under this directory",
     )
     operator.add_argument(
+        "--ambient-credentials-namespaces",
+        metavar="NS[,NS...]",
+        help="namespaces whose policies may use the operator's own AWS identity when they name "
+        "no Secret (default: the operator's own namespace, from POD_NAMESPACE or its "
+        "ServiceAccount; empty: none)",
+    )
+    operator.add_argument(
+        "--allowed-endpoints",
+        metavar="REGEX",
+        action="append",
+        default=[],
+        help="an endpoint a policy may name (a regular expression matching the whole URL; "
+        "repeatable): when given, every endpoint must match one; link-local and metadata "
+        "addresses are refused unless one matches",
+    )
+    operator.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
     operator.set_defaults(run=None)
@@ -392,10 +415,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # -v logs botocore's requests: secret values and signatures are scrubbed from every record.
+    remember_environment_secrets()
+    install_redaction()
     if args.command == "operator":
-        from mpu_janitor.handlers import run_operator
+        from mpu_janitor import handlers
 
-        return run_operator(
+        ambient = args.ambient_credentials_namespaces
+        if ambient is None:
+            own = operator_namespace()
+            ambient = own or ""
+        try:
+            tenancy = Tenancy.from_flags(parse_namespaces([ambient]), args.allowed_endpoints)
+        except ValueError as error:
+            parser.error(str(error))
+        return handlers.run_operator(
+            tenancy=tenancy,
             namespaces=args.namespace,
             metrics_address=args.metrics_address,
             metrics_port=args.metrics_port,

@@ -1,4 +1,5 @@
-"""Store credentials for a policy: its Secret (same namespace only), or the default AWS chain.
+"""Store credentials for a policy: its Secret (same namespace only), or the operator's own
+AWS identity in the namespaces the installer lists (ambient credentials).
 
 Secret values never reach logs, events or status: errors name the Secret and the missing
 key, never a value; StoreCredentials redacts itself in repr().
@@ -14,6 +15,7 @@ from typing import Any
 from mpu_janitor.kube import Forbidden, KubeClient, NotFound
 from mpu_janitor.policy import Policy, StoreType
 from mpu_janitor.stores.base import StoreCredentials
+from mpu_janitor.tenancy import known_secrets
 
 ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
@@ -37,6 +39,10 @@ def credentials_from_secret(policy: Policy, secret: Mapping[str, Any]) -> StoreC
                 f"Secret {policy.namespace}/{name}: key {key} is not valid base64 UTF-8"
             ) from None
     values.update({k: v.strip() for k, v in (secret.get("stringData") or {}).items()})
+    # Wherever a value turns up (an echoing store's error, a debug log), it is replaced.
+    known_secrets.add(
+        *(values.get(k) for k in (ACCESS_KEY, SECRET_KEY, SESSION_TOKEN, LILT_API_KEY))
+    )
     if policy.store.type is StoreType.LILT:
         required: tuple[str, ...] = (LILT_API_KEY,)
     else:
@@ -55,10 +61,29 @@ def credentials_from_secret(policy: Policy, secret: Mapping[str, Any]) -> StoreC
     )
 
 
-async def load_credentials(client: KubeClient, policy: Policy) -> StoreCredentials | None:
-    """None means the default AWS credential chain (IRSA, Pod Identity, instance profile)."""
+async def load_credentials(
+    client: KubeClient, policy: Policy, *, ambient: bool = False
+) -> StoreCredentials | None:
+    """The policy's Secret, read in its own namespace. Without one: None (the operator's own
+    AWS identity: IRSA, Pod Identity, environment) only when ``ambient`` (the installer listed
+    the policy's namespace); otherwise CredentialsNotFound. A LILT key never comes from the
+    operator's environment: a LILT policy always needs its Secret."""
     ref = policy.store.credentials_secret_ref
     if ref is None:
+        rule = f"{policy.namespace}/{policy.name}"
+        if policy.store.type is StoreType.LILT:
+            raise CredentialsNotFound(
+                f"policy {rule} names no Secret: the operator sends LILT only the "
+                f"{LILT_API_KEY} of the Secret named by spec.store.credentialsSecretRef, never "
+                "its own environment's"
+            )
+        if not ambient:
+            raise CredentialsNotFound(
+                f"policy {rule} names no Secret (spec.store.credentialsSecretRef), and the "
+                f"operator's own credentials are not for namespace {policy.namespace}: the "
+                "installer lists the namespaces that may use them with "
+                "--ambient-credentials-namespaces (chart value credentials.ambientNamespaces)"
+            )
         return None
     try:
         secret = await client.get_secret(policy.namespace, ref.name)

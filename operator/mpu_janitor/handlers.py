@@ -26,6 +26,7 @@ from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
 from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
+from mpu_janitor.tenancy import Tenancy, install_redaction
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class OperatorConfig:
     bound_port: int | None = None
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR
     progress_seconds: float = PROGRESS_SECONDS  # a running sweep's status checkpoints
+    tenancy: Tenancy = field(default_factory=Tenancy)  # ambient credentials, endpoints
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -102,6 +104,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         is_active=lambda: is_active_peer(kube, config),
         lilt_inventory_dir=config.lilt_inventory_dir,
         progress_seconds=config.progress_seconds,
+        tenancy=config.tenancy,
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)
@@ -251,6 +254,7 @@ def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
         )
     for noisy in ("botocore", "urllib3", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_redaction()  # secret values and signatures never reach a log line
 
 
 def run_operator(
@@ -262,9 +266,11 @@ def run_operator(
     verbose: bool,
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
     log_format: str = "text",
+    tenancy: Tenancy | None = None,
 ) -> int:
     configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
+        tenancy=tenancy or Tenancy(),
         metrics_address=metrics_address,
         metrics_port=metrics_port,
         peering=peering,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -40,6 +41,7 @@ from mpu_janitor.status import (
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import Store, StoreCredentials, StoreError
 from mpu_janitor.sweep import NOTICE_REASONS, SweepResult, TargetLocks, run_sweep
+from mpu_janitor.tenancy import ERROR_TEXT_LIMIT, Tenancy, scrub
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,9 @@ class Scheduler:
         locks: TargetLocks | None = None,
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
         progress_seconds: float | None = None,
+        tenancy: Tenancy | None = None,
     ) -> None:
+        self.tenancy = tenancy or Tenancy()
         self.progress_seconds = PROGRESS_SECONDS if progress_seconds is None else progress_seconds
         self.lilt_inventory_dir = os.path.realpath(lilt_inventory_dir)
         self.kube = kube
@@ -263,16 +267,22 @@ class Scheduler:
         )
 
     def _check_operator_limits(self, policy: Policy) -> None:
-        """What a policy may ask of this operator: a LILT inventory only under the directory the
-        operator was given, so no policy can make the operator rewrite any other file."""
+        """What a policy may ask of this operator: endpoints the installer allows (never a
+        metadata address unless allowed), and a LILT inventory only under its own namespace's
+        directory of the one the operator was given, so no policy can make the operator rewrite
+        another tenant's inventory or any other file."""
+        refused = self.tenancy.check_endpoints(policy)
+        if refused is not None:
+            raise PolicyError(*refused)
         lilt = policy.store.lilt
         if lilt is not None:
+            own = os.path.join(self.lilt_inventory_dir, policy.namespace)
             path = os.path.realpath(lilt.inventory_path)
-            if os.path.commonpath([path, self.lilt_inventory_dir]) != self.lilt_inventory_dir:
+            if path == own or os.path.commonpath([path, own]) != own:
                 raise PolicyError(
                     "spec.store.lilt.inventoryPath",
-                    f"{lilt.inventory_path!r} must be under {self.lilt_inventory_dir} "
-                    "(the operator's --lilt-inventory-dir)",
+                    f"{lilt.inventory_path!r} must be under {own}/ (the operator's "
+                    "--lilt-inventory-dir, then the policy's namespace; symlinks resolved)",
                 )
 
     # -- the loop --------------------------------------------------------------------------------
@@ -357,7 +367,9 @@ class Scheduler:
 
     async def _sweep_once(self, entry: PolicyEntry, policy: Policy, request: str | None) -> None:
         try:
-            credentials = await load_credentials(self.kube, policy)
+            credentials = await load_credentials(
+                self.kube, policy, ambient=self.tenancy.ambient_allowed(policy.namespace)
+            )
         except CredentialsNotFound as error:
             self._failed(entry, policy, request, error.reason, str(error), announce=False)
             return
@@ -373,6 +385,11 @@ class Scheduler:
             return
         if entry.deleted:
             return
+        # Store error texts reach status and Events short and without credential-like text.
+        result.issues[:] = [
+            dataclasses.replace(issue, message=scrub(issue.message, ERROR_TEXT_LIMIT))
+            for issue in result.issues
+        ]
         self.metrics.record_sweep(result)
         handled = {"handledSweepNow": request} if request is not None else {}
         if result.cancelled or entry.policy is not policy:
@@ -459,7 +476,7 @@ class Scheduler:
     def _write(self, entry: PolicyEntry, patch: Mapping[str, Any]) -> None:
         if entry.deleted:
             return
-        task = entry.writer.write(patch)
+        task = entry.writer.write(_scrubbed(patch))
         if task is not None:
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
@@ -476,7 +493,7 @@ class Scheduler:
         if entry.deleted:
             return
         try:
-            await self.post_event(entry.body, kind, reason, message)
+            await self.post_event(entry.body, kind, reason, scrub(message))
         except Exception as error:  # an Event is news, not state: never worth a crash
             log.warning("could not post a %s event for %s/%s: %s", reason, *entry.key, error)
 
@@ -564,11 +581,23 @@ def _open(
     try:
         return open_store(policy.store, credentials, observer)
     except StoreError as error:
-        raise SweepFailed(error.reason, f"the store cannot be opened: {error}") from error
+        text = scrub(str(error), ERROR_TEXT_LIMIT)
+        raise SweepFailed(error.reason, f"the store cannot be opened: {text}") from error
     except ValueError as error:  # botocore's InvalidRegionError and friends: a bad spec
         raise SweepFailed(
             "InvalidSpec", f"spec.store: the store cannot be opened: {error}"
         ) from error
+
+
+def _scrubbed(value: Any) -> Any:
+    """A status patch with every string scrubbed of credential-like text."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, Mapping):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(item) for item in value]
+    return value
 
 
 def _cancelled(policy: Policy) -> SweepResult:

@@ -768,3 +768,32 @@ def test_the_minio_example_can_act_before_minio_itself() -> None:
 def test_log_format_value_reaches_the_operator(tmp_path: Path) -> None:
     objects = render(tmp_path, values={"operator": {"logFormat": "json"}})
     assert parsed_args(objects).log_format == "json"
+
+
+def test_tenancy_values(tmp_path: Path) -> None:
+    """Ambient credentials: the release namespace by default, the listed ones, or none;
+    the endpoint allow-list as given; the operator learns its namespace from the downward API."""
+    objects = render(tmp_path)
+    env = container(objects)["env"]
+    assert {
+        "name": "POD_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    } in env
+    args = parsed_args(objects)
+    assert args.ambient_credentials_namespaces == NAMESPACE
+    assert args.allowed_endpoints == []
+    values = {
+        "credentials": {
+            "ambientNamespaces": ["ops", "platform"],
+            "allowedEndpoints": [r"https://s3\.[a-z0-9-]+\.amazonaws\.com", "http://minio:9000"],
+        },
+        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+    }
+    objects = render(tmp_path, values)
+    args = parsed_args(objects)
+    assert args.ambient_credentials_namespaces == "ops,platform"
+    assert args.allowed_endpoints == values["credentials"]["allowedEndpoints"]
+    env = container(objects)["env"]
+    assert [e["name"] for e in env] == ["POD_NAMESPACE", "HTTPS_PROXY"]
+    none = parsed_args(render(tmp_path, {"credentials": {"ambientNamespaces": []}}))
+    assert none.ambient_credentials_namespaces == ""

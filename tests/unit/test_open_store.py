@@ -18,6 +18,7 @@ from mpu_janitor.policy import parse_policy
 from mpu_janitor.scheduler import Scheduler
 from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import InvalidTarget
+from mpu_janitor.tenancy import Tenancy
 
 MINIO = {
     "apiVersion": "mpu-janitor.dev/v1alpha1",
@@ -100,7 +101,8 @@ async def test_the_operator_reports_invalid_spec_when_the_client_refuses(
     async def post(obj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         events.append((reason, message))
 
-    sched = Scheduler(kube, MetricsState(), post)  # type: ignore[arg-type]
+    ambient = Tenancy(ambient_namespaces=frozenset({"ns"}))
+    sched = Scheduler(kube, MetricsState(), post, tenancy=ambient)  # type: ignore[arg-type]
     document = {**MINIO, "metadata": {"name": "p", "namespace": "ns", "generation": 1}}
     sched.upsert(document)
     entry = sched.entries[("ns", "p")]

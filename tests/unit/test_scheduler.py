@@ -18,6 +18,10 @@ from mpu_janitor.kube import KubeError, NotFound
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.scheduler import SWEEP_NOW_ANNOTATION, Scheduler
 from mpu_janitor.sweep import SweepResult
+from mpu_janitor.tenancy import Tenancy
+
+# These policies use the operator's own identity: their namespace is listed for it.
+AMBIENT = Tenancy(ambient_namespaces=frozenset({"ns"}))
 
 
 class RecordingKube:
@@ -75,7 +79,7 @@ async def scheduler() -> tuple[Scheduler, RecordingKube, list[tuple[str, str]]]:
 
     kinds: list[str] = []
 
-    sched = Scheduler(kube, MetricsState(), post, lilt_inventory_dir="/srv/lilt")  # type: ignore[arg-type]
+    sched = Scheduler(kube, MetricsState(), post, lilt_inventory_dir="/srv/lilt", tenancy=AMBIENT)  # type: ignore[arg-type]
     sched.event_kinds = kinds  # type: ignore[attr-defined]
     return sched, kube, events
 
@@ -137,7 +141,7 @@ async def test_lilt_inventory_must_be_under_the_operators_directory() -> None:
     for name, path in [("escape", "/srv/lilt/../etc/passwd"), ("elsewhere", "/tmp/inv.jsonl")]:
         lilt["store"]["lilt"]["inventoryPath"] = path
         sched.upsert(body(name, lilt))
-    lilt["store"]["lilt"]["inventoryPath"] = "/srv/lilt/team-a/inventory.jsonl"
+    lilt["store"]["lilt"]["inventoryPath"] = "/srv/lilt/ns/inventory.jsonl"
     sched.upsert(body("inside", lilt))
     await settle(sched)
     assert sched.entries[("ns", "escape")].policy is None
@@ -212,7 +216,7 @@ async def test_a_standby_replica_neither_sweeps_nor_spins() -> None:
     async def post(*_: Any) -> None:
         pass
 
-    sched = Scheduler(kube, MetricsState(), post, is_active=never_active)  # type: ignore[arg-type]
+    sched = Scheduler(kube, MetricsState(), post, is_active=never_active, tenancy=AMBIENT)  # type: ignore[arg-type]
     sched.upsert(body("p", S3))
     sched.start()
     await asyncio.sleep(1.0)
@@ -566,7 +570,7 @@ async def test_a_policy_waiting_for_a_busy_target_holds_no_slot(
     async def post(*_: Any) -> None:
         pass
 
-    sched = Scheduler(kube, MetricsState(), post, max_parallel_sweeps=2)  # type: ignore[arg-type]
+    sched = Scheduler(kube, MetricsState(), post, max_parallel_sweeps=2, tenancy=AMBIENT)  # type: ignore[arg-type]
     shared = {"store": {"type": "S3", "s3": {"buckets": ["shared"]}}, "match": {"olderThan": "1d"}}
     other = {"store": {"type": "S3", "s3": {"buckets": ["other"]}}, "match": {"olderThan": "1d"}}
     busy = threading.Event()

@@ -1,0 +1,232 @@
+"""What the installer lets tenants' policies use: the operator's own (ambient) credentials
+only in listed namespaces, endpoints only past the allow-list (and never a metadata address
+unless allowed), and scrubbing of credential-like text before it reaches logs, status or Events.
+
+No Kopf, no Prometheus, no store code: the scheduler asks, the CLI and the operator configure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mpu_janitor.policy import Policy, endpoint_host
+
+SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+# Instance metadata services (AWS IMDS, GCP, Azure, OpenStack: 169.254.169.254; ECS task
+# credentials 169.254.170.2; AWS IMDS over IPv6 fd00:ec2::254) and the rest of link-local.
+METADATA_NETWORKS = (
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fd00:ec2::254/128"),
+    ipaddress.ip_network("fe80::/10"),
+)
+
+ERROR_TEXT_LIMIT = 300  # characters of a store's error text copied into status or Events
+
+
+def operator_namespace(
+    environ: dict[str, str] | None = None, namespace_file: str = SERVICE_ACCOUNT_NAMESPACE_FILE
+) -> str | None:
+    """The namespace the operator runs in: POD_NAMESPACE (the chart sets it from the downward
+    API), else the ServiceAccount's namespace file; None when neither is there."""
+    env = os.environ if environ is None else environ
+    namespace = (env.get("POD_NAMESPACE") or "").strip()
+    if namespace:
+        return namespace
+    try:
+        with open(namespace_file, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def parse_namespaces(values: Iterable[str]) -> frozenset[str]:
+    """``a,b`` and repeated flags alike; empty items are dropped."""
+    return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+def metadata_address(host: str) -> bool:
+    """Whether a URL host is literally a link-local or metadata address, in any spelling an
+    HTTP client would accept for it (``169.254.169.254``, ``2852039166``, ``0xa9.0xfe.0xa9.0xfe``,
+    ``[fd00:ec2::254]``, ``[::ffff:169.254.169.254]``). Host names are not resolved."""
+    host = host.strip().lower().removesuffix(".")
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            address = ipaddress.IPv6Address(host[1:-1].partition("%")[0])
+        except ValueError:
+            return False
+        mapped = address.ipv4_mapped or address.sixtofour
+        if mapped is not None:
+            address = mapped
+    elif re.fullmatch(r"[0-9a-fx.]+", host) and not host.startswith("."):
+        try:  # inet_aton takes the decimal, octal and hex forms resolvers accept
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return False
+    if address is None:
+        return False
+    return any(address in network for network in METADATA_NETWORKS)
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """The installer's rules. ``ambient_namespaces``: where a policy without a Secret may use
+    the operator's own identity (empty: nowhere). ``allowed_endpoints``: when given, every
+    endpoint must match one of these regular expressions (the whole URL); metadata addresses
+    are refused unless one of them matches."""
+
+    ambient_namespaces: frozenset[str] = frozenset()
+    allowed_endpoints: tuple[re.Pattern[str], ...] = ()
+
+    @classmethod
+    def from_flags(
+        cls, ambient_namespaces: Iterable[str], allowed_endpoints: Iterable[str]
+    ) -> Tenancy:
+        patterns = []
+        for expression in allowed_endpoints:
+            try:
+                patterns.append(re.compile(expression))
+            except re.error as error:
+                raise ValueError(
+                    f"--allowed-endpoints {expression!r} is not a regular expression: {error}"
+                ) from None
+        return cls(frozenset(ambient_namespaces), tuple(patterns))
+
+    def ambient_allowed(self, namespace: str) -> bool:
+        return namespace in self.ambient_namespaces
+
+    def endpoint_refusal(self, endpoint: str) -> str | None:
+        """Why the operator will not dial ``endpoint``, or None when it may."""
+        if self.allowed_endpoints:
+            if any(pattern.fullmatch(endpoint) for pattern in self.allowed_endpoints):
+                return None
+            return (
+                f"{endpoint} is not allowed by the operator's --allowed-endpoints "
+                f"({', '.join(p.pattern for p in self.allowed_endpoints)})"
+            )
+        if metadata_address(endpoint_host(endpoint)):
+            return (
+                f"{endpoint} is a link-local or instance-metadata address: refused unless "
+                "the operator's --allowed-endpoints lists it"
+            )
+        return None
+
+    def check_endpoints(self, policy: Policy) -> tuple[str, str] | None:
+        """(field, why) for the first endpoint of a policy the operator refuses to dial."""
+        store = policy.store
+        candidates = (
+            ("spec.store.s3.endpoint", store.s3.endpoint if store.s3 else None),
+            ("spec.store.glacier.endpoint", store.glacier.endpoint if store.glacier else None),
+            ("spec.store.lilt.endpoint", store.lilt.endpoint if store.lilt else None),
+        )
+        for where, endpoint in candidates:
+            if endpoint is None:
+                continue
+            refusal = self.endpoint_refusal(endpoint)
+            if refusal is not None:
+                return where, refusal
+        return None
+
+
+# -- scrubbing secrets ---------------------------------------------------------------------------
+
+REDACTED = "[REDACTED]"
+
+# A value's opening: after ``:`` or ``=``, maybe a bytes repr's b and a quote.
+_OPEN = r"['\"]?\s*[:=]\s*b?['\"]?"
+_PATTERNS = (
+    # Session tokens in headers, canonical requests, query strings and dict reprs.
+    re.compile(rf"(?i)(x-amz-security-token{_OPEN}|x-amz-security-token%3d)[^\s'\",;&}}]+"),
+    # SigV4: the access key in the credential scope and the signature itself.
+    re.compile(r"(?i)((?:x-amz-)?credential\s*[=:]\s*)[^\s'\",;&}]+"),
+    re.compile(rf"(?i)((?:x-amz-)?signature{_OPEN})[0-9a-f]{{16,}}"),
+    re.compile(r"(?i)(signature:\s*\n?)[0-9a-f]{64}"),
+    # HTTP auth headers (Basic carries the LILT key), and SigV2 "AWS AKID:sig".
+    re.compile(rf"(?i)(authorization{_OPEN})(?:basic|bearer|aws4?-[\w-]+|aws)\s[^'\"\n}}]+"),
+    re.compile(
+        rf"(?i)((?:aws_)?(?:secret_access_key|session_token|api_key|apikey|password){_OPEN})"
+        r"[^\s'\",;&}]+"
+    ),
+)
+
+
+class _KnownSecrets:
+    """Secret values seen by this process (the credentials Secret's, the CLI's environment):
+    they are replaced wherever they appear, whatever surrounds them."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, *values: str | None) -> None:
+        with self._lock:
+            self._values.update(v for v in values if v and len(v) >= 6)
+
+    def replace(self, text: str) -> str:
+        with self._lock:
+            values = sorted(self._values, key=len, reverse=True)
+        for value in values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+
+known_secrets = _KnownSecrets()
+
+
+def remember_environment_secrets(environ: dict[str, str] | None = None) -> None:
+    env = os.environ if environ is None else environ
+    known_secrets.add(
+        *(
+            env.get(name)
+            for name in (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN",
+                "AWS_SECURITY_TOKEN",
+                "LILT_API_KEY",
+            )
+        )
+    )
+
+
+def scrub(text: str, limit: int | None = None) -> str:
+    """Text with anything credential-like replaced; at most ``limit`` characters."""
+    text = known_secrets.replace(text)
+    for pattern in _PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter: the record's message (and traceback) is rendered and scrubbed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: let logging report it as usual
+            return True
+        record.msg, record.args = scrub(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        return True
+
+
+def install_redaction(logger: logging.Logger | None = None) -> None:
+    """Scrub every record the root logger's handlers emit (botocore's debug output too)."""
+    root = logger or logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
