@@ -300,7 +300,7 @@ class Scheduler:
         if self._loop_task is not None:
             self._loop_task.cancel()
             self._wakeup.set()
-            await asyncio.wait({self._loop_task}, timeout=10)
+            await asyncio.wait({self._loop_task}, timeout=5)  # the loop waits 5 s at most
         running = [e.task for e in self.entries.values() if e.task and not e.task.done()]
         if running:
             await asyncio.wait(running, timeout=30)
