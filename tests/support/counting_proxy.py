@@ -11,9 +11,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Self
+from typing import Any
 
-from tests.support.fake_http import LoopbackServer
+from tests.support.fake_http import FakeHTTPService
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
@@ -37,7 +37,7 @@ class SeenRequest:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    proxy: CountingProxy
+    fake: CountingProxy  # set by FakeHTTPService.start
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -45,13 +45,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
         seen = SeenRequest(self.command, (query.get("uploadId") or [None])[0], time.monotonic())
-        self.proxy.record(seen)
+        self.fake.record(seen)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         upstream: http.client.HTTPConnection | None = getattr(self, "_upstream", None)
         if upstream is None:
-            upstream = http.client.HTTPConnection(self.proxy.upstream_host, timeout=60)
+            upstream = http.client.HTTPConnection(self.fake.upstream_host, timeout=60)
             self._upstream = upstream
         try:
             upstream.request(self.command, self.path, body=body, headers=headers)
@@ -76,13 +76,17 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
 
-class CountingProxy:
+class CountingProxy(FakeHTTPService):
+    """Started, stopped and addressed like the HTTP fakes (tests/support/fake_http.py)."""
+
+    thread_name = "counting-proxy"
+
     def __init__(self, upstream: str) -> None:
+        super().__init__()
         self.upstream_host = urllib.parse.urlsplit(upstream).netloc
         self._lock = threading.Lock()
         self._requests: list[SeenRequest] = []
         self._aborts = 0  # kept as they arrive: polling it must not slow the proxy's threads
-        self._server: LoopbackServer | None = None
 
     def record(self, seen: SeenRequest) -> None:
         with self._lock:
@@ -98,27 +102,5 @@ class CountingProxy:
         with self._lock:
             return self._aborts
 
-    def start(self) -> Self:
-        handler: Any = type("Handler", (_Handler,), {"proxy": self})
-        self._server = LoopbackServer(("127.0.0.1", 0), handler)
-        threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), daemon=True, name="counting-proxy"
-        ).start()
-        return self
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+CountingProxy.handler = _Handler
