@@ -6,7 +6,8 @@ A thin facade over ``kubernetes_asyncio`` (``ApiClient``, ``CoreV1Api``,
 
 - a 429 from API Priority and Fairness is waited out (``Retry-After`` honoured, capped,
   a bounded number of times) instead of failing the call;
-- a 401 logs in again once (a rotated ServiceAccount token, an expired exec-plugin token);
+- a 401 logs in again once (a rotated ServiceAccount token, a revoked token), and a token
+  an exec plugin said expires is replaced before it does;
 - every failure is a :class:`KubeError` (:class:`NotFound`, :class:`Forbidden`), also a
   connection failure (status 0), so callers handle one family of errors.
 
@@ -20,11 +21,13 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, ApiException, CoreV1Api, CustomObjectsApi
 
+from mpu_janitor import __version__
 from mpu_janitor.login import Login
 from mpu_janitor.policy import API_GROUP, API_VERSION
 
@@ -35,6 +38,7 @@ PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 THROTTLE_ATTEMPTS = 6  # 429s waited out before a call fails
 MAX_RETRY_AFTER = 30.0  # seconds: the longest a Retry-After is honoured
 REQUEST_TIMEOUT = 30.0  # seconds per request
+EXPIRY_MARGIN = timedelta(seconds=10)  # log in again this long before a token expires
 
 T = TypeVar("T")
 
@@ -90,15 +94,26 @@ class KubeClient:
         self._sleep = sleep
         self._api: ApiClient | None = None
         self._retired: ApiClient | None = None
+        self._expiration: datetime | None = None
         self._lock = asyncio.Lock()
+
+    def _expiring(self) -> bool:
+        if self._expiration is None:
+            return False
+        expiration = self._expiration
+        if expiration.tzinfo is None:
+            expiration = expiration.replace(tzinfo=UTC)
+        return datetime.now(UTC) >= expiration - EXPIRY_MARGIN
 
     async def _client(self, stale: ApiClient | None = None) -> ApiClient:
         """The current ApiClient; a new login when there is none or ``stale`` was refused."""
         async with self._lock:
-            if self._api is None or self._api is stale:
+            if self._api is None or self._api is stale or self._expiring():
                 async with self._login() as login:
                     # Built inside the login: the SSL context reads the login's files now.
                     api = ApiClient(login.configuration)
+                    api.user_agent = f"mpu-janitor/{__version__}"
+                    self._expiration = login.expiration
                 if self._retired is not None:
                     # The one before last: its requests have long finished.
                     await self._retired.close()
