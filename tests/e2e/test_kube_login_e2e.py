@@ -216,6 +216,18 @@ async def test_secrets_status_patches_and_errors(
             await kube.patch_policy_status(namespace, "gone", {"observedGeneration": 1})
         with pytest.raises(NotFound):
             await kube.get_peering("no-such-peering")
+        plane.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev")
+        apply(
+            plane,
+            {
+                "apiVersion": "kopf.dev/v1",
+                "kind": "KopfPeering",
+                "metadata": {"name": "peers", "namespace": namespace},
+                "status": {"someone": {"priority": 7, "lifetime": 60}},
+            },
+        )
+        peering = await kube.get_peering("peers", namespace)
+        assert peering["status"]["someone"]["priority"] == 7
 
         # A call without a method of its own: who are we?
         review = await kube.request(
