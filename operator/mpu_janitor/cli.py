@@ -404,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
+    operator.add_argument(
+        "--context",
+        help="the kubeconfig context to use (default: in a Pod its ServiceAccount, else the "
+        "current context of KUBECONFIG or ~/.kube/config)",
+    )
     operator.set_defaults(run=None)
     return parser
 
@@ -438,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verbose=args.verbose,
             lilt_inventory_dir=args.lilt_inventory_dir,
             log_format=args.log_format,
+            kube_context=args.context,
         )
     try:
         code: int = args.run(args, sys.stdout, sys.stderr)

@@ -8,6 +8,7 @@ never puts a finalizer on them: deleting a policy or its namespace never waits f
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import random
@@ -16,13 +17,14 @@ import time
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from mpu_janitor.kube import KubeClient, KubeError
+from mpu_janitor.login import NoCredentials, kopf_login, logged_in
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
 from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
@@ -31,7 +33,6 @@ from mpu_janitor.tenancy import Tenancy, install_redaction
 log = logging.getLogger(__name__)
 
 PLURAL = "uploadlifecyclepolicies"
-PEERING_GROUP = "kopf.dev"
 HEALTHY_TICK_SECONDS = 60.0
 
 
@@ -49,20 +50,20 @@ class OperatorConfig:
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR
     progress_seconds: float = PROGRESS_SECONDS  # a running sweep's status checkpoints
     tenancy: Tenancy = field(default_factory=Tenancy)  # ambient credentials, endpoints
+    kube_context: str | None = None  # a kubeconfig context (default: in-cluster, then current)
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
 
 
-async def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
-    """In a Pod: the ServiceAccount; elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-    info = kopf.login_with_service_account(settings=settings)
-    return info or kopf.login_with_kubeconfig(settings=settings)
-
-
 @kopf.on.login(errors=kopf.ErrorsMode.PERMANENT)
-async def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
-    return await login(settings)
+async def on_login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """In a Pod: the ServiceAccount; elsewhere: the kubeconfig (exec plugins included)."""
+    config: OperatorConfig = memo.get("config") or OperatorConfig()
+    try:
+        return await kopf_login(config.kube_context)
+    except NoCredentials as error:
+        raise kopf.PermanentError(str(error)) from error
 
 
 # -- lifecycle ---------------------------------------------------------------------------------
@@ -80,22 +81,31 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
     )
     # We post our own one-per-sweep Events; handler log lines stay in the log.
     settings.posting.level = logging.ERROR
+    settings.posting.reporting_component = f"{API_GROUP}/operator"
+    settings.posting.reporting_instance = config.identity[:128]
+    settings.posting.event_name_prefix = "mpu-janitor-"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 60
     settings.peering.priority = config.priority
 
-    kube = KubeClient(lambda: login(settings))
+    kube = KubeClient(lambda: logged_in(config.kube_context))
     metrics = MetricsState()
+    # Kopf posts our Events (queued, retried) with the context of a policy handler, kept here
+    # by the first one: the scheduler's tasks run outside Kopf's handlers, where kopf.event
+    # has no queue to put an Event on. (Per-object memos are shallow copies: they share it.)
+    handler_context: list[contextvars.Context] = []
+    memo["handler_context"] = handler_context
 
     async def post_event(
         body: Mapping[str, Any], event_type: str, reason: str, message: str
     ) -> None:
-        try:
-            await kube.create_event(body, event_type, reason, message, instance=config.identity)
-        except (KubeError, OSError, TimeoutError) as error:
-            log.warning("could not post a %s event: %s", reason, error)
+        if not handler_context:
+            log.warning("could not post a %s event: no policy handled yet", reason)
+            return
+        policy = kopf.Body(cast(kopf.RawBody, dict(body)))
+        handler_context[0].run(kopf.event, policy, type=event_type, reason=reason, message=message)
 
     scheduler = Scheduler(
         kube,
@@ -136,6 +146,9 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 async def on_policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     scheduler: Scheduler = memo["scheduler"]
+    handler_context: list[contextvars.Context] | None = memo.get("handler_context")
+    if handler_context is not None and not handler_context:
+        handler_context.append(contextvars.copy_context())  # for the scheduler's Events
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
         # Deleted, or being deleted (another controller's finalizer may hold it): stop now.
@@ -151,15 +164,9 @@ async def is_active_peer(kube: KubeClient, config: OperatorConfig) -> bool:
     """True unless a live peer outranks us (Kopf pauses on equal priorities too)."""
     if config.peering is None:
         return True
-    if config.namespaces:
-        path = (
-            f"/apis/{PEERING_GROUP}/v1/namespaces/{config.namespaces[0]}/kopfpeerings/"
-            f"{config.peering}"
-        )
-    else:
-        path = f"/apis/{PEERING_GROUP}/v1/clusterkopfpeerings/{config.peering}"
+    namespace = config.namespaces[0] if config.namespaces else None
     try:
-        body = await kube.request("GET", path)
+        body = await kube.get_peering(config.peering, namespace)
     except KubeError as error:
         log.warning("cannot read peering %s: %s; not sweeping", config.peering, error)
         return False
@@ -267,6 +274,7 @@ def run_operator(
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
     log_format: str = "text",
     tenancy: Tenancy | None = None,
+    kube_context: str | None = None,
 ) -> int:
     configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
@@ -276,6 +284,7 @@ def run_operator(
         peering=peering,
         namespaces=tuple(namespaces),
         lilt_inventory_dir=lilt_inventory_dir,
+        kube_context=kube_context,
     )
     if os.environ.get("MPU_JANITOR_PRIORITY"):
         config.priority = int(os.environ["MPU_JANITOR_PRIORITY"])

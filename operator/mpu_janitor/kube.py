@@ -1,30 +1,53 @@
-"""A small async Kubernetes API client for what Kopf does not do for us from a scheduler:
-patching a policy's status and reading a Secret. It authenticates with the same
-``kopf.ConnectionInfo`` that Kopf logs in with, and logs in again after a 401 (rotated
-ServiceAccount tokens)."""
+"""The operator's own Kubernetes calls (what Kopf does not do for us from a scheduler):
+reading a policy's Secret, patching a policy's status, reading Kopf's peering object.
+
+A thin facade over ``kubernetes_asyncio`` (``ApiClient``, ``CoreV1Api``,
+``CustomObjectsApi``) that the rest of the operator calls, with three behaviours of its own:
+
+- a 429 from API Priority and Fairness is waited out (``Retry-After`` honoured, capped,
+  a bounded number of times) instead of failing the call;
+- a 401 logs in again once (a rotated ServiceAccount token, a revoked token), and a token
+  an exec plugin said expires is replaced before it does;
+- every failure is a :class:`KubeError` (:class:`NotFound`, :class:`Forbidden`), also a
+  connection failure (status 0), so callers handle one family of errors.
+
+It logs in with :func:`mpu_janitor.login.logged_in` (or whatever ``login`` it is given).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import json as json_module
-import os
-import ssl
-import tempfile
-import uuid
+import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
-import kopf
+from kubernetes_asyncio.client import ApiClient, ApiException, CoreV1Api, CustomObjectsApi
 
+from mpu_janitor import __version__
+from mpu_janitor.login import Login
 from mpu_janitor.policy import API_GROUP, API_VERSION
 
-PLURAL = "uploadlifecyclepolicies"
+log = logging.getLogger(__name__)
 
-Login = Callable[[], Awaitable[kopf.ConnectionInfo | None]]
+PLURAL = "uploadlifecyclepolicies"
+PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
+THROTTLE_ATTEMPTS = 6  # 429s waited out before a call fails
+MAX_RETRY_AFTER = 30.0  # seconds: the longest a Retry-After is honoured
+REQUEST_TIMEOUT = 30.0  # seconds per request
+EXPIRY_MARGIN = timedelta(seconds=10)  # log in again this long before a token expires
+
+T = TypeVar("T")
+
+
+class LoginFactory(Protocol):
+    def __call__(self) -> AbstractAsyncContextManager[Login]: ...
+
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class KubeError(Exception):
@@ -41,159 +64,170 @@ class Forbidden(KubeError):
     pass
 
 
-def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
-    if info.insecure:
-        return False
-    context = ssl.create_default_context(
-        cafile=str(info.ca_path) if info.ca_path else None,
-        cadata=(info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data)
-        if info.ca_data
-        else None,
-    )
-    certificate = info.certificate_path
-    key = info.private_key_path
-    if info.certificate_data and info.private_key_data:
-        # ssl wants files for client certificates: private temp files, removed once read.
-        certificate = _temp_file(info.certificate_data)
-        key = _temp_file(info.private_key_data)
-        try:
-            context.load_cert_chain(certificate, key)
-        finally:
-            for path in (certificate, key):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        return context
-    if certificate and key:
-        context.load_cert_chain(str(certificate), str(key))
-    return context
-
-
-def _temp_file(data: str | bytes) -> str:
-    raw = data if isinstance(data, bytes) else data.encode()
-    handle = tempfile.NamedTemporaryFile(prefix="mpu-janitor-", delete=False)  # noqa: SIM115
-    with handle:
-        handle.write(raw)
-    return handle.name
-
-
-THROTTLE_ATTEMPTS = 6
-
-
 def _retry_after(header: str | None, attempt: int) -> float:
-    backoff: float = min(30.0, 0.5 * 2.0**attempt)
+    backoff: float = min(MAX_RETRY_AFTER, 0.5 * 2.0**attempt)
     try:
-        return min(30.0, max(0.0, float(header))) if header else backoff
+        return min(MAX_RETRY_AFTER, max(0.0, float(header))) if header else backoff
     except ValueError:
         return backoff
 
 
+def _error(error: ApiException) -> KubeError:
+    """The API server's Status message as a KubeError of the right kind."""
+    message = ""
+    try:
+        body = json.loads(error.body) if error.body else None
+    except (TypeError, ValueError):
+        body = None
+    if isinstance(body, dict):
+        message = str(body.get("message") or "")
+    elif error.body:
+        message = str(error.body)[:500]
+    status = int(error.status or 0)
+    kind = {404: NotFound, 403: Forbidden}.get(status, KubeError)
+    return kind(status, message or str(error.reason or ""))
+
+
 class KubeClient:
-    def __init__(self, login: Login) -> None:
+    def __init__(self, login: LoginFactory, *, sleep: Sleep = asyncio.sleep) -> None:
         self._login = login
-        self._info: kopf.ConnectionInfo | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._sleep = sleep
+        self._api: ApiClient | None = None
+        self._retired: ApiClient | None = None
+        self._expiration: datetime | None = None
         self._lock = asyncio.Lock()
 
-    async def _connect(self, *, fresh: bool) -> tuple[aiohttp.ClientSession, str]:
-        async with self._lock:
-            if fresh or self._session is None or self._info is None:
-                info = await self._login()
-                if info is None:
-                    raise KubeError(0, "no Kubernetes credentials (kubeconfig or ServiceAccount)")
-                if self._session is not None:
-                    await self._session.close()
-                headers = {"Accept": "application/json"}
-                if info.token:
-                    headers["Authorization"] = f"Bearer {info.token}"
-                elif info.username and info.password:
-                    pair = f"{info.username}:{info.password}".encode()
-                    headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-                self._session = aiohttp.ClientSession(
-                    headers=headers,
-                    connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=16),
-                    timeout=aiohttp.ClientTimeout(total=30),
-                )
-                self._info = info
-            return self._session, self._info.server.rstrip("/")
+    def _expiring(self) -> bool:
+        if self._expiration is None:
+            return False
+        expiration = self._expiration
+        if expiration.tzinfo is None:
+            expiration = expiration.replace(tzinfo=UTC)
+        return datetime.now(UTC) >= expiration - EXPIRY_MARGIN
 
-    async def request(
-        self, method: str, path: str, *, json: Any = None, content_type: str | None = None
-    ) -> Any:
-        relogged = login_again = False
+    async def _client(self, stale: ApiClient | None = None) -> ApiClient:
+        """The current ApiClient; a new login when there is none or ``stale`` was refused."""
+        async with self._lock:
+            if self._api is None or self._api is stale or self._expiring():
+                async with self._login() as login:
+                    # Built inside the login: the SSL context reads the login's files now.
+                    api = ApiClient(login.configuration)
+                    api.user_agent = f"mpu-janitor/{__version__}"
+                    self._expiration = login.expiration
+                if self._retired is not None:
+                    # The one before last: its requests have long finished.
+                    await self._retired.close()
+                self._retired, self._api = self._api, api
+            return self._api
+
+    async def _call(self, call: Callable[[ApiClient], Awaitable[T]]) -> T:
+        refused: ApiClient | None = None
+        relogged = False
         for attempt in range(THROTTLE_ATTEMPTS):
-            session, server = await self._connect(fresh=login_again)
-            login_again = False
-            headers = {"Content-Type": content_type} if content_type else {}
-            async with session.request(method, server + path, json=json, headers=headers) as rsp:
-                if rsp.status == 401 and not relogged:
-                    relogged = login_again = True  # a rotated token: log in once more
+            api = await self._client(refused)
+            refused = None
+            try:
+                return await call(api)
+            except ApiException as error:
+                if error.status == 401 and not relogged:
+                    relogged, refused = True, api  # a rotated token: log in once more
                     continue
-                if rsp.status == 429 and attempt < THROTTLE_ATTEMPTS - 1:
+                if error.status == 429 and attempt < THROTTLE_ATTEMPTS - 1:
                     # API Priority and Fairness asks us to wait: honour Retry-After.
-                    await asyncio.sleep(_retry_after(rsp.headers.get("Retry-After"), attempt))
+                    headers: Mapping[str, str] = error.headers or {}
+                    wait = headers.get("Retry-After")
+                    await self._sleep(_retry_after(wait, attempt))
                     continue
-                text = await rsp.text()
-                try:
-                    body = json_module.loads(text) if text else None
-                except ValueError:
-                    body = {"message": text[:500]}
-                if rsp.status >= 400:
-                    message = (body or {}).get("message", "") if isinstance(body, dict) else ""
-                    kind = {404: NotFound, 403: Forbidden}.get(rsp.status, KubeError)
-                    raise kind(rsp.status, message or rsp.reason or "")
-                return body
+                raise _error(error) from None
+            except (aiohttp.ClientError, TimeoutError, OSError) as error:
+                raise KubeError(0, f"cannot reach the API server: {error!r}") from error
         raise KubeError(429, "the API server kept asking us to wait (429)")
 
+    # -- the calls ----------------------------------------------------------------------------
+
     async def get_secret(self, namespace: str, name: str) -> Mapping[str, Any]:
-        body: Mapping[str, Any] = await self.request(
-            "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
-        )
-        return body
+        """A Secret as the API returns it (``data`` values base64-encoded)."""
+
+        async def call(api: ApiClient) -> Mapping[str, Any]:
+            secret = await CoreV1Api(api).read_namespaced_secret(
+                name, namespace, _request_timeout=REQUEST_TIMEOUT
+            )
+            body: Mapping[str, Any] = api.sanitize_for_serialization(secret)
+            return body
+
+        return await self._call(call)
 
     async def patch_policy_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> Any:
-        path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
-        return await self.request(
-            "PATCH", path, json={"status": status}, content_type="application/merge-patch+json"
-        )
+        """A JSON merge patch of a policy's status subresource (None removes a key)."""
 
-    async def create_event(
-        self, obj: Mapping[str, Any], event_type: str, reason: str, message: str, *, instance: str
-    ) -> None:
-        """A core v1 Event about a policy (what ``kubectl describe`` and ``get events`` show)."""
-        metadata = obj.get("metadata") or {}
-        namespace = metadata.get("namespace") or "default"
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                # Named like client-go's recorder names them: <object>.<unique hex>.
-                "name": f"{metadata.get('name', 'policy')}.{uuid.uuid4().hex[:16]}",
-                "namespace": namespace,
-            },
-            "involvedObject": {
-                "apiVersion": obj.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
-                "kind": obj.get("kind", "UploadLifecyclePolicy"),
-                "name": metadata.get("name"),
-                "namespace": namespace,
-                "uid": metadata.get("uid"),
-                "resourceVersion": metadata.get("resourceVersion"),
-            },
-            "type": event_type,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": "mpu-janitor"},
-            "reportingComponent": f"{API_GROUP}/operator",
-            "reportingInstance": instance[:128],
-            "firstTimestamp": now[:19] + "Z",
-            "lastTimestamp": now[:19] + "Z",
-            "count": 1,
-        }
-        await self.request("POST", f"/api/v1/namespaces/{namespace}/events", json=event)
+        async def call(api: ApiClient) -> Any:
+            return await CustomObjectsApi(api).patch_namespaced_custom_object_status(
+                API_GROUP,
+                API_VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": dict(status)},
+                # A dict body would go as a JSON patch: say merge patch (the stub lacks it).
+                _content_type="application/merge-patch+json",  # type: ignore[call-arg]
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+
+        return await self._call(call)
+
+    async def get_peering(self, name: str, namespace: str | None = None) -> Mapping[str, Any]:
+        """Kopf's peering object: ``KopfPeering`` in ``namespace``, else ``ClusterKopfPeering``."""
+
+        async def call(api: ApiClient) -> Any:
+            objects = CustomObjectsApi(api)
+            if namespace:
+                return await objects.get_namespaced_custom_object(
+                    PEERING_GROUP,
+                    PEERING_VERSION,
+                    namespace,
+                    "kopfpeerings",
+                    name,
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+            return await objects.get_cluster_custom_object(
+                PEERING_GROUP,
+                PEERING_VERSION,
+                "clusterkopfpeerings",
+                name,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+
+        body: Mapping[str, Any] = await self._call(call)
+        return body
+
+    async def request(
+        self, method: str, path: str, *, json: Any = None, content_type: str | None = None
+    ) -> Any:
+        """Any other API call by path (a JSON body in, the JSON answer out), with the same
+        login, 401 and 429 handling: for calls no typed method covers yet."""
+
+        async def call(api: ApiClient) -> Any:
+            headers = {"Accept": "application/json"}
+            if content_type:
+                headers["Content-Type"] = content_type
+            return await api.call_api(
+                path,
+                method.upper(),
+                header_params=headers,
+                body=json,
+                response_types_map={200: "object", 201: "object", 202: "object"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+
+        return await self._call(call)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        async with self._lock:
+            for api in (self._retired, self._api):
+                if api is not None:
+                    await api.close()
+            self._api = self._retired = None

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,17 @@ async def operator(
         "verbs": {"create", "list"},
     }
     kmock.resources["v1/secrets"] = {"kind": "Secret", "namespaced": True, "verbs": {"get"}}
+    # Kopf creates Events with metadata.generateName: name them as an API server would (kmock
+    # keys objects by name and would refuse every Event after the first as a conflict).
+    emulator_handle = type(kmock)._handle
+
+    async def generate_names(self: Any, request: Any) -> Any:
+        metadata = request.data.get("metadata") if isinstance(request.data, dict) else None
+        if request.action == kmock.action.CREATE and metadata and not metadata.get("name"):
+            metadata["name"] = f"{metadata.get('generateName', '')}{uuid.uuid4().hex[:10]}"
+        return await emulator_handle(self, request)
+
+    monkeypatch.setattr(type(kmock), "_handle", generate_names)
     kmock.objects["v1/namespaces", None, NS] = {"metadata": {"name": NS}}
     kmock.objects["v1/secrets", NS, "minio-creds"] = secret(minio)
     kubeconfig = tmp_path / "kubeconfig"
