@@ -61,8 +61,14 @@ async def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.login(errors=kopf.ErrorsMode.PERMANENT)
-async def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
-    return await login(settings)
+async def on_login(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any
+) -> kopf.ConnectionInfo | None:
+    info = await login(settings)
+    config = memo.get("config")
+    if info is not None and isinstance(config, OperatorConfig):
+        config.tenancy.note_api_server(info.server)  # never a store endpoint
+    return info
 
 
 # -- lifecycle ---------------------------------------------------------------------------------
