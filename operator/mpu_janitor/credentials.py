@@ -17,12 +17,14 @@ import re
 import ssl
 import threading
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import boto3
 import botocore.config
 import botocore.credentials
 import botocore.exceptions
+import botocore.utils
 from botocore import UNSIGNED
 
 from mpu_janitor.kube import Forbidden, KubeClient, KubeError, NotFound
@@ -312,13 +314,22 @@ class WebIdentityExchange:
             ) from None
 
 
-def renewing_credentials(exchange: WebIdentityExchange) -> botocore.credentials.Credentials:
-    """The first exchange's credentials, renewed by the same exchange before they expire (and
-    at once when a call finds them within 10 minutes of their end)."""
-    return botocore.credentials.RefreshableCredentials.create_from_metadata(
-        metadata=exchange.fetch(),
-        refresh_using=exchange.refresh,
-        method="mpu-janitor-web-identity",
+def renewing_credentials(
+    exchange: WebIdentityExchange, clock: Callable[[], datetime] | None = None
+) -> botocore.credentials.Credentials:
+    """The first exchange's credentials, renewed by the same exchange once a call finds them
+    within 15 minutes of their end (by the first call to get there; the others go on with the
+    current ones), or within 10 minutes (every call waits for the renewal). ``clock``: the
+    time those are judged by (tests)."""
+    metadata = exchange.fetch()
+    return botocore.credentials.RefreshableCredentials(
+        metadata["access_key"],
+        metadata["secret_key"],
+        metadata["token"],
+        botocore.utils.parse_timestamp(metadata["expiry_time"]),
+        exchange.refresh,
+        "mpu-janitor-web-identity",
+        **({"time_fetcher": clock} if clock is not None else {}),
     )
 
 
