@@ -115,4 +115,11 @@ The rules on namespaced resources, shared by the ClusterRole (all namespaces) an
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+# Workload identity: a short-lived token for the ServiceAccount named by
+# spec.store.serviceAccountRef, in the policy's own namespace (TokenRequest), exchanged with STS.
+# Only create on the token subresource: no get, list or use of ServiceAccounts or their Secrets.
+# RBAC cannot narrow it to the ServiceAccounts policies name (they are not known in advance).
+- apiGroups: [""]
+  resources: ["serviceaccounts/token"]
+  verbs: ["create"]
 {{- end }}
