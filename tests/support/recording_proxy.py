@@ -30,12 +30,20 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    status: int = 0  # the upstream's answer (0: none)
+    answer: bytes = b""
 
     @property
     def form(self) -> dict[str, str]:
         """A query-protocol call's parameters (STS): Action, RoleArn, WebIdentityToken..."""
         pairs = urllib.parse.parse_qsl(self.body.decode(errors="replace"))
         return dict(pairs)
+
+    @property
+    def issued_key(self) -> str | None:
+        """The AccessKeyId an STS answer carries."""
+        found = re.search(rb"<AccessKeyId>([^<]+)</AccessKeyId>", self.answer)
+        return found.group(1).decode() if found else None
 
     @property
     def signing_key(self) -> str | None:
@@ -55,17 +63,20 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-        self.fake.record(Recorded(self.command, self.path, dict(headers), body))
         upstream = http.client.HTTPConnection(self.fake.upstream_host, timeout=60)
         try:
             upstream.request(self.command, self.path, body=body or None, headers=headers)
             response = upstream.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException):
+            self.fake.record(Recorded(self.command, self.path, dict(headers), body, 502))
             self.send_error(502)
             return
         finally:
             upstream.close()
+        self.fake.record(
+            Recorded(self.command, self.path, dict(headers), body, response.status, data)
+        )
         self.send_response_only(response.status, response.reason)
         for name, value in response.getheaders():
             if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":

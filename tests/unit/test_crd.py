@@ -476,7 +476,7 @@ def test_bucket_pattern_agrees_with_the_model(schema: dict[str, Any]) -> None:
         ("spec.store.serviceAccountRef.name", "janitor", "Janitor"),
         ("spec.store.roleArn", "arn:aws:iam::111122223333:role/a/b", "arn:aws:s3:::bucket"),
         ("spec.store.assumeRole.roleArn", "arn:aws-cn:iam::111122223333:role/x", "role/x"),
-        ("spec.store.assumeRole.externalId", "tenant-7:abc", "x"),
+        ("spec.store.assumeRole.externalId", "tenant-7:abc", "tenant 7"),
         ("spec.store.serviceAccountRef.audience", "https://sts.example", "two words"),
         ("spec.store.caBundleSecretRef.name", "private-ca", "Private_CA"),
         ("spec.store.caBundleSecretRef.key", "ca.pem", "ca/pem"),
