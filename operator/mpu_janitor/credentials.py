@@ -53,13 +53,16 @@ class CredentialsNotFound(Exception):
 
 
 class WorkloadIdentityFailed(CredentialsNotFound):
-    """No token for the ServiceAccount, or STS refused to exchange it."""
+    """No token for the ServiceAccount (CredentialsNotFound), STS refused to exchange it
+    (AccessDenied), or STS could not be reached (CredentialsUnreadable: tried again soon)."""
 
-    reason = "WorkloadIdentityFailed"
+    def __init__(self, message: str, reason: str = "CredentialsNotFound") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class CABundleNotFound(CredentialsNotFound):
-    reason = "CABundleNotFound"
+    """The Secret or key of spec.store.caBundleSecretRef is missing or holds no CA."""
 
 
 def credentials_from_secret(policy: Policy, secret: Mapping[str, Any]) -> StoreCredentials:
@@ -247,11 +250,13 @@ class WebIdentityExchange:
             details = error.response.get("Error", {})
             raise WorkloadIdentityFailed(
                 f"{where} refused {operation} ({field}): {details.get('Code', '?')}: "
-                f"{scrub(str(details.get('Message', '')), 300)}"
+                f"{scrub(str(details.get('Message', '')), 300)}",
+                "AccessDenied",
             ) from None
         except botocore.exceptions.BotoCoreError as error:
             raise WorkloadIdentityFailed(
-                f"{operation} at {where} failed ({field}): {scrub(str(error), 300)}"
+                f"{operation} at {where} failed ({field}): {scrub(str(error), 300)}",
+                "CredentialsUnreadable",
             ) from None
         return dict(answer["Credentials"])
 

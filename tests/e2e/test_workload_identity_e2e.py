@@ -144,7 +144,7 @@ def test_a_tenant_service_account_token_reaches_sts_and_its_credentials_sweep(
         assert token not in output  # never logged
 
     missing = ready(plane, team, "no-account")
-    assert missing["reason"] == "WorkloadIdentityFailed"
+    assert missing["reason"] == "CredentialsNotFound"
     assert (
         f"ServiceAccount {team}/ghost not found (spec.store.serviceAccountRef)"
         in (missing["message"])

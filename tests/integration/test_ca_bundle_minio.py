@@ -292,4 +292,4 @@ async def test_a_bad_bundle_secret_names_the_field(
     with pytest.raises(CABundleNotFound) as caught:
         await load_credentials(kube, policy("https://127.0.0.1:9", ref))  # type: ignore[arg-type]
     assert words in str(caught.value)
-    assert caught.value.reason == "CABundleNotFound"
+    assert caught.value.reason == "CredentialsNotFound"

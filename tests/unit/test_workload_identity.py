@@ -345,7 +345,7 @@ def test_sts_unreachable_names_the_role_field() -> None:
     with pytest.raises(WorkloadIdentityFailed) as caught:
         exchange.fetch()
     assert "(spec.store.roleArn)" in str(caught.value)
-    assert caught.value.reason == "WorkloadIdentityFailed"
+    assert caught.value.reason == "CredentialsUnreadable"  # tried again soon
 
 
 # -- load_credentials: any namespace, the policy's own ServiceAccount -----------------------------
@@ -405,7 +405,7 @@ async def test_token_request_problems_name_the_service_account(
     kube = TokenKube(answer)
     with pytest.raises(CredentialsNotFound) as caught:
         await load_credentials(kube, parse_policy(document()), sts_endpoint="http://127.0.0.1:9")  # type: ignore[arg-type]
-    assert caught.value.reason == "WorkloadIdentityFailed"
+    assert caught.value.reason == "CredentialsNotFound"
     assert words in str(caught.value)
     assert "(spec.store.serviceAccountRef)" in str(caught.value)
 
