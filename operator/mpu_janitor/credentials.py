@@ -46,6 +46,7 @@ TOKEN_SECONDS = 600
 SESSION_SECONDS = 3600
 TOKEN_WAIT_SECONDS = 60.0  # a sweep thread's wait for the event loop's TokenRequest
 STS_RETRIES = 4
+REMEMBER_AFTER_EXPIRY = 3600  # seconds a token or key is still scrubbed after it expired
 
 
 class CredentialsNotFound(Exception):
@@ -228,7 +229,6 @@ class WebIdentityExchange:
         self.sts_endpoint = sts_endpoint
         self.session_name = session_name
         self.exchanges = 0
-        self._remembered: list[tuple[str, ...]] = []
         self._lock = threading.Lock()
 
     def _sts(self, credentials: botocore.credentials.Credentials | None) -> Any:
@@ -264,7 +264,8 @@ class WebIdentityExchange:
         """One exchange: botocore's credential metadata. Raises WorkloadIdentityFailed."""
         identity = self.identity
         token = self.token()
-        known_secrets.add(token)
+        # Scrubbed from every log line while they can be used (and a while after).
+        known_secrets.add(token, ttl=TOKEN_SECONDS + REMEMBER_AFTER_EXPIRY)
         issued = self._call(
             "AssumeRoleWithWebIdentity",
             "spec.store.roleArn",
@@ -275,8 +276,8 @@ class WebIdentityExchange:
                 DurationSeconds=SESSION_SECONDS,
             ),
         )
-        remembered = [token, issued["SecretAccessKey"], issued["SessionToken"]]
-        known_secrets.add(*remembered)
+        lifetime = SESSION_SECONDS + REMEMBER_AFTER_EXPIRY
+        known_secrets.add(issued["SecretAccessKey"], issued["SessionToken"], ttl=lifetime)
         if identity.assume_role_arn is not None:
             chained = botocore.credentials.Credentials(
                 issued["AccessKeyId"], issued["SecretAccessKey"], issued["SessionToken"]
@@ -292,14 +293,9 @@ class WebIdentityExchange:
                     **extra,
                 ),
             )
-            remembered += [issued["SecretAccessKey"], issued["SessionToken"]]
-            known_secrets.add(*remembered)
+            known_secrets.add(issued["SecretAccessKey"], issued["SessionToken"], ttl=lifetime)
         with self._lock:
             self.exchanges += 1
-            # Values two exchanges old have expired: stop scanning every log line for them.
-            self._remembered.append(tuple(remembered))
-            while len(self._remembered) > 2:
-                known_secrets.discard(*self._remembered.pop(0))
         expiry = issued["Expiration"]
         return {
             "access_key": issued["AccessKeyId"],

@@ -13,7 +13,8 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mpu_janitor.policy import ENDPOINT_PATTERN, Policy, endpoint_host
@@ -219,24 +220,44 @@ _PATTERNS = (
 )
 
 
-class _KnownSecrets:
-    """Secret values seen by this process (the credentials Secret's, the CLI's environment):
-    they are replaced wherever they appear, whatever surrounds them."""
+class KnownSecrets:
+    """Secret values seen by this process (the credentials Secret's, the CLI's environment,
+    workload identity's tokens and temporary credentials): they are replaced wherever they
+    appear, whatever surrounds them. A value added with ``ttl`` (seconds) is dropped once it
+    has expired, so renewing credentials do not make every log line scan a growing list."""
 
-    def __init__(self) -> None:
-        self._values: set[str] = set()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._values: dict[str, float | None] = {}  # value -> deadline (None: for good)
+        self._clock = clock
         self._lock = threading.Lock()
 
-    def add(self, *values: str | None) -> None:
+    def add(self, *values: str | None, ttl: float | None = None) -> None:
+        deadline = None if ttl is None else self._clock() + ttl
         with self._lock:
-            self._values.update(v for v in values if v and len(v) >= 6)
+            for value in values:
+                if not value or len(value) < 6:
+                    continue
+                current = self._values.get(value, 0.0)
+                if current is None or deadline is None:
+                    self._values[value] = None
+                else:
+                    self._values[value] = max(current, deadline)
 
     def discard(self, *values: str | None) -> None:
         with self._lock:
-            self._values.difference_update(v for v in values if v)
+            for value in values:
+                self._values.pop(value or "", None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)
 
     def replace(self, text: str) -> str:
+        now = self._clock()
         with self._lock:
+            expired = [v for v, deadline in self._values.items() if deadline and deadline < now]
+            for value in expired:
+                del self._values[value]
             values = sorted(self._values, key=len, reverse=True)
         for value in values:
             if value in text:
@@ -244,7 +265,7 @@ class _KnownSecrets:
         return text
 
 
-known_secrets = _KnownSecrets()
+known_secrets = KnownSecrets()
 
 
 def remember_environment_secrets(environ: dict[str, str] | None = None) -> None:

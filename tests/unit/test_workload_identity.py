@@ -33,7 +33,7 @@ from mpu_janitor.policy import (
 )
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
-from mpu_janitor.tenancy import known_secrets, scrub
+from mpu_janitor.tenancy import KnownSecrets, known_secrets, scrub
 from tests.support.recording_proxy import MotoServer, RecordingProxy
 
 ROLE = "arn:aws:iam::111122223333:role/uploads-janitor"
@@ -410,11 +410,30 @@ async def test_token_request_problems_name_the_service_account(
     assert "(spec.store.serviceAccountRef)" in str(caught.value)
 
 
-def test_old_exchanges_leave_the_known_secrets(aws: RecordingProxy) -> None:
+def test_expired_secrets_leave_the_scrub_list() -> None:
+    """Renewals add a token and keys every hour: expired ones stop being scanned for."""
+    now = [0.0]
+    secrets = KnownSecrets(clock=lambda: now[0])
+    secrets.add("permanent-secret-value")
+    secrets.add("token-of-the-first-hour", ttl=600)
+    assert secrets.replace("a token-of-the-first-hour b") == "a [REDACTED] b"
+    now[0] = 601.0
+    assert secrets.replace("a token-of-the-first-hour b") == "a token-of-the-first-hour b"
+    assert secrets.replace("permanent-secret-value") == "[REDACTED]"
+    assert len(secrets) == 1
+    secrets.add("both-ways-value", ttl=10)
+    secrets.add("both-ways-value")  # also a Secret's value: kept for good
+    now[0] = 10_000.0
+    assert secrets.replace("both-ways-value") == "[REDACTED]"
+
+
+def test_an_exchange_remembers_its_token_and_keys_for_their_lifetime(
+    aws: RecordingProxy,
+) -> None:
     tokens = Tokens()
     exchange, _ = exchange_for(s3_policy(aws), aws, tokens)
-    for _ in range(4):
-        exchange.fetch()
-    assert scrub(tokens.issued[0]) == tokens.issued[0]  # expired long ago: no longer scanned
-    assert scrub(tokens.issued[3]) == "[REDACTED]"
-    known_secrets.discard(*tokens.issued)
+    metadata = exchange.fetch()
+    for value in (tokens.issued[0], metadata["secret_key"], metadata["token"]):
+        assert known_secrets._values[value] is not None  # an expiring entry, not for good
+        assert scrub(value) == "[REDACTED]"
+    known_secrets.discard(tokens.issued[0], metadata["secret_key"], metadata["token"])
