@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import boto3
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from tests.e2e.test_operator_e2e import REPO, apply, ready, running_operator, status
+from tests.e2e.test_operator_e2e import REPO, apply, events, ready, running_operator, status
 from tests.support.controlplane import ControlPlane, wait_for
 from tests.support.recording_proxy import MotoServer, RecordingProxy
 
@@ -141,7 +142,12 @@ def test_a_tenant_service_account_token_reaches_sts_and_its_credentials_sweep(
         assert {r.signing_key for r in operator_requests} == {issued}
         assert any(r.method == "DELETE" for r in operator_requests)  # the abort
         assert all(AMBIENT_KEY not in str(r.headers) for r in aws.requests)
-        assert token not in output  # never logged
+        secret_key = re.search(rb"<SecretAccessKey>([^<]+)<", exchange.answer)
+        session_token = re.search(rb"<SessionToken>([^<]+)<", exchange.answer)
+        assert secret_key is not None and session_token is not None
+        shown = output + json.dumps(swept) + json.dumps(events(plane, team, "identity"))
+        for value in (token, secret_key.group(1).decode(), session_token.group(1).decode()):
+            assert value not in shown  # never in logs, status or Events
 
     missing = ready(plane, team, "no-account")
     assert missing["reason"] == "CredentialsNotFound"

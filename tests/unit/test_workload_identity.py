@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import http.server
+import threading
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -346,6 +348,51 @@ def test_sts_unreachable_names_the_role_field() -> None:
         exchange.fetch()
     assert "(spec.store.roleArn)" in str(caught.value)
     assert caught.value.reason == "CredentialsUnreadable"  # tried again soon
+
+
+class RefusingSts(http.server.BaseHTTPRequestHandler):
+    """An STS that refuses every exchange, as AWS does when the role's trust policy does not
+    accept the token (the wire format of AWS's query-protocol errors)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = (
+            b"<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>"
+            b"<Message>Not authorized to perform sts:AssumeRoleWithWebIdentity</Message>"
+            b"</Error><RequestId>1</RequestId></ErrorResponse>"
+        )
+        self.send_response(403)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_sts_refusing_the_token_is_access_denied_naming_the_role() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingSts)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        policy = parse_policy(document())
+        assert policy.store.workload_identity is not None
+        exchange = WebIdentityExchange(
+            policy.store.workload_identity,
+            token=Tokens(),
+            region="us-east-1",
+            sts_endpoint=f"http://127.0.0.1:{server.server_address[1]}",
+            session_name=session_name(policy),
+        )
+        with pytest.raises(WorkloadIdentityFailed) as caught:
+            exchange.fetch()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert caught.value.reason == "AccessDenied"
+    assert "refused AssumeRoleWithWebIdentity (spec.store.roleArn): AccessDenied" in str(
+        caught.value
+    )
 
 
 # -- load_credentials: any namespace, the policy's own ServiceAccount -----------------------------
