@@ -3,7 +3,7 @@ permission it has), requests a token for a tenant's ServiceAccount from the real
 (TokenRequest), exchanges it with a real STS (moto's server, over HTTP, behind a recording
 proxy) and sweeps the tenant's bucket (moto's S3, behind the same proxy) with exactly the
 credentials STS issued: never with its own. The same run shows the API server's own address
-refused as a store endpoint, and a missing ServiceAccount named in the policy's status."""
+refused as a store endpoint, and missing or unlisted ServiceAccounts named in the status."""
 
 from __future__ import annotations
 
@@ -71,12 +71,27 @@ def test_a_tenant_service_account_token_reaches_sts_and_its_credentials_sweep(
         release_ns,
         "--set",
         f"watchNamespaces={{{team}}}",
+        "--set",
+        "credentials.workloadIdentityServiceAccounts={uploads-janitor,never-created}",
         "--skip-crds",
     )
     accounts = plane.kubectl_json("get", "serviceaccounts", "-n", release_ns)["items"]
     account = next(a["metadata"]["name"] for a in accounts if a["metadata"]["name"] != "default")
     kubeconfig = plane.service_account_kubeconfig(release_ns, account, create=False)
     plane.kubectl("create", "serviceaccount", "uploads-janitor", "-n", team)
+    plane.kubectl("create", "serviceaccount", "not-listed", "-n", team)
+
+    def can_i(*args: str) -> str:
+        result = plane.kubectl(
+            "auth", "can-i", *args, "-n", team, kubeconfig=kubeconfig, check=False
+        )
+        return str(result.stdout.strip())
+
+    # The chart's rule names only the listed ServiceAccounts, and allows nothing else on them.
+    assert can_i("create", "serviceaccounts/uploads-janitor", "--subresource=token") == "yes"
+    assert can_i("create", "serviceaccounts/not-listed", "--subresource=token") == "no"
+    assert can_i("get", "serviceaccounts") == "no"
+    assert can_i("list", "serviceaccounts") == "no"
 
     with MotoServer() as moto, RecordingProxy(moto.url) as aws:
         admin = boto3.client(
@@ -100,12 +115,14 @@ def test_a_tenant_service_account_token_reaches_sts_and_its_credentials_sweep(
         }
         with running_operator(kubeconfig, [team], tmp_path, extra_env=environment) as operator:
             apply(plane, policy("identity", team, aws.url))
-            apply(plane, policy("no-account", team, aws.url, serviceAccountRef={"name": "ghost"}))
+            for name, account in (("no-account", "never-created"), ("unlisted", "not-listed")):
+                apply(plane, policy(name, team, aws.url, serviceAccountRef={"name": account}))
             apply(plane, policy("apiserver", team, plane.server))
             wait_for(
                 lambda: (
                     status(plane, team, "identity").get("lastSweep")
                     and ready(plane, team, "no-account").get("status") == "False"
+                    and ready(plane, team, "unlisted").get("status") == "False"
                     and ready(plane, team, "apiserver").get("status") == "False"
                 ),
                 timeout=90,
@@ -151,10 +168,13 @@ def test_a_tenant_service_account_token_reaches_sts_and_its_credentials_sweep(
 
     missing = ready(plane, team, "no-account")
     assert missing["reason"] == "CredentialsNotFound"
-    assert (
-        f"ServiceAccount {team}/ghost not found (spec.store.serviceAccountRef)"
-        in (missing["message"])
-    )
+    assert f"ServiceAccount {team}/never-created not found" in missing["message"]
+    # A ServiceAccount the installer did not list: the API server refuses the token.
+    unlisted = ready(plane, team, "unlisted")
+    assert unlisted["reason"] == "CredentialsNotFound"
+    assert f"may not request a token for ServiceAccount {team}/not-listed" in unlisted["message"]
+    for condition in (missing, unlisted):
+        assert "(spec.store.serviceAccountRef)" in condition["message"]
     refused = ready(plane, team, "apiserver")
     assert refused["reason"] == "InvalidSpec"
     assert refused["message"].startswith("spec.store.s3.endpoint:")
