@@ -402,6 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
         "addresses are refused unless one matches",
     )
     operator.add_argument(
+        "--sts-endpoint",
+        metavar="URL",
+        default=os.environ.get("AWS_ENDPOINT_URL_STS") or None,
+        help="the STS that exchanges the ServiceAccount tokens of policies with "
+        "spec.store.serviceAccountRef (default: AWS_ENDPOINT_URL_STS, else AWS STS in each "
+        "target's region)",
+    )
+    operator.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
     operator.add_argument(
@@ -431,7 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             own = operator_namespace()
             ambient = own or ""
         try:
-            tenancy = Tenancy.from_flags(parse_namespaces([ambient]), args.allowed_endpoints)
+            tenancy = Tenancy.from_flags(
+                parse_namespaces([ambient]), args.allowed_endpoints, args.sts_endpoint
+            )
         except ValueError as error:
             parser.error(str(error))
         return handlers.run_operator(

@@ -61,9 +61,11 @@ async def on_login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """In a Pod: the ServiceAccount; elsewhere: the kubeconfig (exec plugins included)."""
     config: OperatorConfig = memo.get("config") or OperatorConfig()
     try:
-        return await kopf_login(config.kube_context)
+        info = await kopf_login(config.kube_context)
     except NoCredentials as error:
         raise kopf.PermanentError(str(error)) from error
+    config.tenancy.note_api_server(info.server)  # never a store endpoint
+    return info
 
 
 # -- lifecycle ---------------------------------------------------------------------------------

@@ -157,6 +157,26 @@ class KubeClient:
 
         return await self._call(call)
 
+    async def create_service_account_token(
+        self, namespace: str, name: str, *, audience: str, seconds: int = 600
+    ) -> str:
+        """A short-lived token for ServiceAccount ``namespace/name`` (TokenRequest: POST
+        serviceaccounts/NAME/token), valid for ``audience`` only. 600 s is the shortest the
+        API server issues."""
+        body = await self.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+            json={
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"audiences": [audience], "expirationSeconds": seconds},
+            },
+        )
+        token = ((body or {}).get("status") or {}).get("token")
+        if not isinstance(token, str) or not token:
+            raise KubeError(0, f"TokenRequest for {namespace}/{name} returned no token")
+        return token
+
     async def patch_policy_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
     ) -> Any:

@@ -88,6 +88,19 @@ MAX_NAME_LENGTH = 253
 _SHOWN = 60
 # The operator accepts LILT inventories only under this directory (--lilt-inventory-dir).
 DEFAULT_LILT_INVENTORY_DIR = "/var/lib/mpu-janitor/lilt"
+# Workload identity (spec.store.serviceAccountRef): the token's audience unless the policy names
+# one (what EKS's IRSA and AWS's OIDC providers expect), and the IAM role ARNs STS accepts.
+DEFAULT_AUDIENCE = "sts.amazonaws.com"
+ROLE_ARN_PATTERN = r"arn:[a-z][a-z0-9-]{0,31}:iam::([0-9]{12})?:role/[A-Za-z0-9+=,.@_/-]{1,512}"
+_ROLE_ARN_RE = re.compile(ROLE_ARN_PATTERN)
+MAX_ROLE_ARN_LENGTH = 2048
+# STS: ExternalId is 2-1224 characters of [\w+=,.@:/-].
+EXTERNAL_ID_PATTERN = r"[A-Za-z0-9_+=,.@:/-]{2,1224}"
+_EXTERNAL_ID_RE = re.compile(EXTERNAL_ID_PATTERN)
+MAX_AUDIENCE_LENGTH = 1024
+_AUDIENCE_RE = re.compile(r"[!-~]{1,1024}")  # printable ASCII, no space
+DEFAULT_CA_KEY = "ca.crt"
+_SECRET_KEY_RE = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 
 def show(value: Any) -> str:
@@ -142,6 +155,29 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
+class WorkloadIdentity:
+    """Per-tenant AWS identity: a short-lived token of ``service_account`` (a ServiceAccount in
+    the policy's own namespace, for ``audience``) exchanged with STS AssumeRoleWithWebIdentity
+    for ``role_arn``; then, for another account, AssumeRole of ``assume_role_arn`` (with
+    ``external_id`` when that role's trust policy asks for one)."""
+
+    service_account: str
+    role_arn: str
+    audience: str = DEFAULT_AUDIENCE
+    assume_role_arn: str | None = None
+    external_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CaBundleRef:
+    """A Secret key in the policy's own namespace holding the PEM CA(s) the store's endpoint
+    is verified with (instead of the system's trust store)."""
+
+    name: str
+    key: str = DEFAULT_CA_KEY
+
+
+@dataclass(frozen=True)
 class S3Target:
     endpoint: str | None
     region: str
@@ -181,6 +217,8 @@ class StoreSpec:
     glacier: GlacierTarget | None = None
     lilt: LiltTarget | None = None
     credentials_secret_ref: SecretRef | None = None
+    workload_identity: WorkloadIdentity | None = None
+    ca_bundle_ref: CaBundleRef | None = None
 
 
 def nfc(text: str) -> str:
@@ -601,8 +639,104 @@ def _parse_lilt(data: Any, path: str) -> LiltTarget:
     return LiltTarget(_endpoint(f, "endpoint") or "https://api.lilt.com", inventory)
 
 
+def _secret_name(f: _Fields, name: str = "name") -> str:
+    value = f.string(name, required=True)
+    assert value is not None
+    if not _DNS_LABEL_RE.fullmatch(value):
+        raise PolicyError(f.at(name), f"{show(value)} is not a valid object name")
+    return value
+
+
+def _role_arn(f: _Fields, name: str) -> str | None:
+    arn = f.string(name, max_length=MAX_ROLE_ARN_LENGTH)
+    if arn is not None and not _ROLE_ARN_RE.fullmatch(arn):
+        raise PolicyError(
+            f.at(name),
+            f"{show(arn)} is not an IAM role ARN (arn:aws:iam::111122223333:role/name)",
+        )
+    return arn
+
+
+def _parse_workload_identity(f: _Fields, store_type: StoreType) -> WorkloadIdentity | None:
+    """spec.store.serviceAccountRef, roleArn and assumeRole (S3 and Glacier only)."""
+    if not f.has("serviceAccountRef"):
+        for only_with in ("roleArn", "assumeRole"):
+            if f.has(only_with):
+                raise PolicyError(
+                    f.at(only_with),
+                    "is used only with spec.store.serviceAccountRef (the ServiceAccount whose "
+                    "token is exchanged for the role)",
+                )
+        return None
+    where = f.at("serviceAccountRef")
+    if store_type is StoreType.LILT:
+        raise PolicyError(where, "is for the S3 and Glacier stores: LILT takes a Secret's key")
+    if f.has("credentialsSecretRef"):
+        raise PolicyError(
+            where,
+            "set either serviceAccountRef (workload identity) or credentialsSecretRef "
+            "(a Secret's keys), not both",
+        )
+    ref = _Fields(f.data["serviceAccountRef"], where, ("name", "audience"))
+    account = _secret_name(ref)
+    audience = ref.string("audience", DEFAULT_AUDIENCE, max_length=MAX_AUDIENCE_LENGTH)
+    assert audience is not None
+    if not _AUDIENCE_RE.fullmatch(audience):
+        raise PolicyError(
+            ref.at("audience"), f"{show(audience)} must be printable ASCII, no spaces"
+        )
+    role_arn = _role_arn(f, "roleArn")
+    if role_arn is None:
+        raise PolicyError(
+            f.at("roleArn"),
+            "is required with serviceAccountRef: the IAM role the ServiceAccount's token is "
+            "exchanged for (AssumeRoleWithWebIdentity)",
+        )
+    assume_arn = external_id = None
+    if f.has("assumeRole"):
+        chained = _Fields(f.data["assumeRole"], f.at("assumeRole"), ("roleArn", "externalId"))
+        assume_arn = _role_arn(chained, "roleArn")
+        if assume_arn is None:
+            raise PolicyError(chained.at("roleArn"), "is required: the role to assume next")
+        external_id = chained.string("externalId", max_length=1224)
+        if external_id is not None and not _EXTERNAL_ID_RE.fullmatch(external_id):
+            raise PolicyError(
+                chained.at("externalId"),
+                f"{show(external_id)} must be 2 to 1224 letters, digits or +=,.@:/-_",
+            )
+    return WorkloadIdentity(account, role_arn, audience, assume_arn, external_id)
+
+
+def _parse_ca_bundle(f: _Fields, store_type: StoreType) -> CaBundleRef | None:
+    if not f.has("caBundleSecretRef"):
+        return None
+    ref = _Fields(f.data["caBundleSecretRef"], f.at("caBundleSecretRef"), ("name", "key"))
+    if store_type is StoreType.LILT:
+        raise PolicyError(ref.path, "is for the S3 and Glacier stores")
+    name = _secret_name(ref)
+    key = ref.string("key", DEFAULT_CA_KEY)
+    assert key is not None
+    if not _SECRET_KEY_RE.fullmatch(key):
+        raise PolicyError(ref.at("key"), f"{show(key)} is not a Secret key (letters, digits, -._)")
+    return CaBundleRef(name, key)
+
+
 def _parse_store(data: Any, path: str) -> StoreSpec:
-    f = _Fields(data, path, ("type", "s3", "glacier", "lilt", "credentialsSecretRef"))
+    f = _Fields(
+        data,
+        path,
+        (
+            "type",
+            "s3",
+            "glacier",
+            "lilt",
+            "credentialsSecretRef",
+            "serviceAccountRef",
+            "roleArn",
+            "assumeRole",
+            "caBundleSecretRef",
+        ),
+    )
     store_type = StoreType(f.choice("type", [t.value for t in StoreType], required=True) or "")
     for other in ("s3", "glacier", "lilt"):
         if other != store_type.value.lower() and f.has(other):
@@ -618,21 +752,20 @@ def _parse_store(data: Any, path: str) -> StoreSpec:
         if not _DNS_LABEL_RE.fullmatch(name):
             raise PolicyError(ref.at("name"), f"{show(name)} is not a valid Secret name")
         secret_ref = SecretRef(name)
+    identity = _parse_workload_identity(f, store_type)
+    ca_bundle = _parse_ca_bundle(f, store_type)
+    common: dict[str, Any] = {
+        "credentials_secret_ref": secret_ref,
+        "workload_identity": identity,
+        "ca_bundle_ref": ca_bundle,
+    }
     if store_type is StoreType.S3:
-        return StoreSpec(
-            store_type, s3=_parse_s3(f.data["s3"], f.at("s3")), credentials_secret_ref=secret_ref
-        )
+        return StoreSpec(store_type, s3=_parse_s3(f.data["s3"], f.at("s3")), **common)
     if store_type is StoreType.GLACIER:
         return StoreSpec(
-            store_type,
-            glacier=_parse_glacier(f.data["glacier"], f.at("glacier")),
-            credentials_secret_ref=secret_ref,
+            store_type, glacier=_parse_glacier(f.data["glacier"], f.at("glacier")), **common
         )
-    return StoreSpec(
-        store_type,
-        lilt=_parse_lilt(f.data["lilt"], f.at("lilt")),
-        credentials_secret_ref=secret_ref,
-    )
+    return StoreSpec(store_type, lilt=_parse_lilt(f.data["lilt"], f.at("lilt")), **common)
 
 
 def _parse_match(data: Any, path: str) -> MatchSpec:

@@ -368,7 +368,10 @@ class Scheduler:
     async def _sweep_once(self, entry: PolicyEntry, policy: Policy, request: str | None) -> None:
         try:
             credentials = await load_credentials(
-                self.kube, policy, ambient=self.tenancy.ambient_allowed(policy.namespace)
+                self.kube,
+                policy,
+                ambient=self.tenancy.ambient_allowed(policy.namespace),
+                sts_endpoint=self.tenancy.sts_endpoint,
             )
         except CredentialsNotFound as error:
             self._failed(entry, policy, request, error.reason, str(error), announce=False)

@@ -13,10 +13,11 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
-from mpu_janitor.policy import Policy, endpoint_host
+from mpu_janitor.policy import ENDPOINT_PATTERN, Policy, endpoint_host
 
 SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -52,28 +53,54 @@ def parse_namespaces(values: Iterable[str]) -> frozenset[str]:
     return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
-def metadata_address(host: str) -> bool:
-    """Whether a URL host is literally a link-local or metadata address, in any spelling an
-    HTTP client would accept for it (``169.254.169.254``, ``2852039166``, ``0xa9.0xfe.0xa9.0xfe``,
-    ``[fd00:ec2::254]``, ``[::ffff:169.254.169.254]``). Host names are not resolved."""
+def literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a URL host spells literally, in any form an HTTP client would accept
+    (``169.254.169.254``, ``2852039166``, ``0xa9.0xfe.0xa9.0xfe``, ``[fd00:ec2::254]``;
+    ``[::ffff:a.b.c.d]`` is a.b.c.d); None for a host name (names are not resolved)."""
     host = host.strip().lower().removesuffix(".")
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
         try:
-            address = ipaddress.IPv6Address(host[1:-1].partition("%")[0])
+            address = ipaddress.IPv6Address(host.partition("%")[0])
         except ValueError:
-            return False
+            return None
         mapped = address.ipv4_mapped or address.sixtofour
-        if mapped is not None:
-            address = mapped
-    elif re.fullmatch(r"[0-9a-fx.]+", host) and not host.startswith("."):
+        return mapped if mapped is not None else address
+    if re.fullmatch(r"[0-9a-fx.]+", host) and not host.startswith("."):
         try:  # inet_aton takes the decimal, octal and hex forms resolvers accept
-            address = ipaddress.IPv4Address(socket.inet_aton(host))
+            return ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
-            return False
-    if address is None:
-        return False
-    return any(address in network for network in METADATA_NETWORKS)
+            return None
+    return None
+
+
+def metadata_address(host: str) -> bool:
+    """Whether a URL host is literally a link-local or metadata address, in any spelling."""
+    address = literal_address(host)
+    return address is not None and any(address in network for network in METADATA_NETWORKS)
+
+
+def _canonical_host(host: str) -> str:
+    address = literal_address(host)
+    return str(address) if address is not None else host.strip().lower().removesuffix(".")
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """The canonical host and the port (the scheme's default when absent) of a URL."""
+    authority = url.strip().partition("//")[2].partition("/")[0].rpartition("@")[2]
+    if authority.startswith("["):
+        host, _, rest = authority.partition("]")
+        host, port = host + "]", rest.removeprefix(":")
+    else:
+        host, _, port = authority.partition(":")
+    default = 443 if url.lower().startswith("https") else 80
+    return _canonical_host(host), int(port) if port.isdigit() else default
+
+
+# The API server's in-cluster names (any cluster domain after kubernetes.default.svc.).
+_API_SERVER_NAME = re.compile(r"kubernetes(\.default(\.svc(\..+)?)?)?")
 
 
 @dataclass(frozen=True)
@@ -81,14 +108,22 @@ class Tenancy:
     """The installer's rules. ``ambient_namespaces``: where a policy without a Secret may use
     the operator's own identity (empty: nowhere). ``allowed_endpoints``: when given, every
     endpoint must match one of these regular expressions (the whole URL); metadata addresses
-    are refused unless one of them matches."""
+    and the API server's own address are refused unless one of them matches.
+    ``sts_endpoint``: where workload identity's tokens are exchanged (None: AWS STS in the
+    target's region). ``api_servers``: the ``host:port`` of every API server the operator
+    logged in to (:meth:`note_api_server`)."""
 
     ambient_namespaces: frozenset[str] = frozenset()
     allowed_endpoints: tuple[re.Pattern[str], ...] = ()
+    sts_endpoint: str | None = None
+    api_servers: set[tuple[str, int]] = field(default_factory=set, compare=False, hash=False)
 
     @classmethod
     def from_flags(
-        cls, ambient_namespaces: Iterable[str], allowed_endpoints: Iterable[str]
+        cls,
+        ambient_namespaces: Iterable[str],
+        allowed_endpoints: Iterable[str],
+        sts_endpoint: str | None = None,
     ) -> Tenancy:
         patterns = []
         for expression in allowed_endpoints:
@@ -98,10 +133,37 @@ class Tenancy:
                 raise ValueError(
                     f"--allowed-endpoints {expression!r} is not a regular expression: {error}"
                 ) from None
-        return cls(frozenset(ambient_namespaces), tuple(patterns))
+        if sts_endpoint is not None and not re.fullmatch(ENDPOINT_PATTERN, sts_endpoint):
+            raise ValueError(f"--sts-endpoint {sts_endpoint!r} is not an http(s) URL")
+        return cls(frozenset(ambient_namespaces), tuple(patterns), sts_endpoint)
 
     def ambient_allowed(self, namespace: str) -> bool:
         return namespace in self.ambient_namespaces
+
+    def note_api_server(self, server: str) -> None:
+        """The API server Kopf (and our client) logged in to: refused as a store endpoint."""
+        self.api_servers.add(_host_port(server))
+
+    def api_server_refusal(
+        self, endpoint: str, environ: Mapping[str, str] | None = None
+    ) -> str | None:
+        """Why ``endpoint`` is the API server's own address: its in-cluster names
+        (kubernetes.default.svc...), the in-cluster Service address (KUBERNETES_SERVICE_HOST,
+        any port), or an address the operator logged in to (that host and port)."""
+        env = os.environ if environ is None else environ
+        host, port = _host_port(endpoint)
+        service = (env.get("KUBERNETES_SERVICE_HOST") or "").strip()
+        if (
+            _API_SERVER_NAME.fullmatch(host)
+            or (service and host == _canonical_host(service))
+            or (host, port) in self.api_servers
+        ):
+            return (
+                f"{endpoint} is the Kubernetes API server's own address: refused unless the "
+                "operator's --allowed-endpoints lists it (store credentials are never sent "
+                "to it)"
+            )
+        return None
 
     def endpoint_refusal(self, endpoint: str) -> str | None:
         """Why the operator will not dial ``endpoint``, or None when it may."""
@@ -117,7 +179,7 @@ class Tenancy:
                 f"{endpoint} is a link-local or instance-metadata address: refused unless "
                 "the operator's --allowed-endpoints lists it"
             )
-        return None
+        return self.api_server_refusal(endpoint)
 
     def check_endpoints(self, policy: Policy) -> tuple[str, str] | None:
         """(field, why) for the first endpoint of a policy the operator refuses to dial."""
@@ -158,20 +220,44 @@ _PATTERNS = (
 )
 
 
-class _KnownSecrets:
-    """Secret values seen by this process (the credentials Secret's, the CLI's environment):
-    they are replaced wherever they appear, whatever surrounds them."""
+class KnownSecrets:
+    """Secret values seen by this process (the credentials Secret's, the CLI's environment,
+    workload identity's tokens and temporary credentials): they are replaced wherever they
+    appear, whatever surrounds them. A value added with ``ttl`` (seconds) is dropped once it
+    has expired, so renewing credentials do not make every log line scan a growing list."""
 
-    def __init__(self) -> None:
-        self._values: set[str] = set()
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._values: dict[str, float | None] = {}  # value -> deadline (None: for good)
+        self._clock = clock
         self._lock = threading.Lock()
 
-    def add(self, *values: str | None) -> None:
+    def add(self, *values: str | None, ttl: float | None = None) -> None:
+        deadline = None if ttl is None else self._clock() + ttl
         with self._lock:
-            self._values.update(v for v in values if v and len(v) >= 6)
+            for value in values:
+                if not value or len(value) < 6:
+                    continue
+                current = self._values.get(value, 0.0)
+                if current is None or deadline is None:
+                    self._values[value] = None
+                else:
+                    self._values[value] = max(current, deadline)
+
+    def discard(self, *values: str | None) -> None:
+        with self._lock:
+            for value in values:
+                self._values.pop(value or "", None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)
 
     def replace(self, text: str) -> str:
+        now = self._clock()
         with self._lock:
+            expired = [v for v, deadline in self._values.items() if deadline and deadline < now]
+            for value in expired:
+                del self._values[value]
             values = sorted(self._values, key=len, reverse=True)
         for value in values:
             if value in text:
@@ -179,7 +265,7 @@ class _KnownSecrets:
         return text
 
 
-known_secrets = _KnownSecrets()
+known_secrets = KnownSecrets()
 
 
 def remember_environment_secrets(environ: dict[str, str] | None = None) -> None:

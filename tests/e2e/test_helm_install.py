@@ -152,6 +152,7 @@ def test_chart_rbac_cluster_wide(
         ("create", "events", "-n", team),
         ("create", "events.events.k8s.io", "-n", team),
         ("get", "secrets", "-n", team),
+        ("create", "serviceaccounts", "--subresource=token", "-n", team),
         ("list", "customresourcedefinitions.apiextensions.k8s.io"),
         ("watch", "namespaces"),
     ]
@@ -161,6 +162,9 @@ def test_chart_rbac_cluster_wide(
         ("list", "secrets", "-n", team),
         ("watch", "secrets", "--all-namespaces"),
         ("create", "secrets", "-n", team),
+        ("get", "serviceaccounts", "-n", team),
+        ("list", "serviceaccounts", "-n", team),
+        ("create", "serviceaccounts", "-n", team),
         ("delete", ULP, "-n", team),
         ("create", ULP, "-n", team),
         ("get", "configmaps", "-n", team),

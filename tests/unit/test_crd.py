@@ -236,6 +236,8 @@ def test_cel_rules_name_the_field(schema: dict[str, Any]) -> None:
         "spec.store.s3",
         "spec.store.glacier",
         "spec.store.lilt",
+        "spec.store.serviceAccountRef:",
+        "spec.store.roleArn",
     ]
     assert "exactly one of buckets or bucketPattern" in rules["spec.store.s3"][0]["message"]
 
@@ -281,11 +283,32 @@ LILT_DOC = {
 }
 
 # Every object of the spec, with a document in which it is present.
+IDENTITY_DOC = {
+    **S3_DOC,
+    "spec": {
+        "store": {
+            "type": "S3",
+            "s3": {"buckets": ["uploads"], "region": "eu-west-1"},
+            "serviceAccountRef": {"name": "janitor"},
+            "roleArn": "arn:aws:iam::111122223333:role/janitor",
+            "assumeRole": {"roleArn": "arn:aws:iam::444455556666:role/uploads"},
+            "caBundleSecretRef": {"name": "ca"},
+        },
+        "match": {"olderThan": "7d"},
+    },
+}
+IDENTITY_FIELDS = tuple(
+    f"spec.store.{name}"
+    for name in ("serviceAccountRef", "roleArn", "assumeRole", "caBundleSecretRef")
+)
 SPEC_OBJECTS = {
     "spec": S3_DOC,
     "spec.store": S3_DOC,
     "spec.store.s3": S3_DOC,
     "spec.store.credentialsSecretRef": S3_DOC,
+    "spec.store.serviceAccountRef": IDENTITY_DOC,
+    "spec.store.assumeRole": IDENTITY_DOC,
+    "spec.store.caBundleSecretRef": IDENTITY_DOC,
     "spec.store.glacier": GLACIER_DOC,
     "spec.store.lilt": LILT_DOC,
     "spec.match": S3_DOC,
@@ -450,6 +473,13 @@ def test_bucket_pattern_agrees_with_the_model(schema: dict[str, Any]) -> None:
         ("spec.store.s3.expectedBucketOwner", "111122223333", "11112222333"),
         ("spec.store.s3.endpoint", "http://minio:9000/base", "minio:9000"),
         ("spec.store.credentialsSecretRef.name", "minio-creds", "Minio_Creds"),
+        ("spec.store.serviceAccountRef.name", "janitor", "Janitor"),
+        ("spec.store.roleArn", "arn:aws:iam::111122223333:role/a/b", "arn:aws:s3:::bucket"),
+        ("spec.store.assumeRole.roleArn", "arn:aws-cn:iam::111122223333:role/x", "role/x"),
+        ("spec.store.assumeRole.externalId", "tenant-7:abc", "tenant 7"),
+        ("spec.store.serviceAccountRef.audience", "https://sts.example", "two words"),
+        ("spec.store.caBundleSecretRef.name", "private-ca", "Private_CA"),
+        ("spec.store.caBundleSecretRef.key", "ca.pem", "ca/pem"),
     ],
 )
 def test_string_patterns_agree_with_the_model(
@@ -457,6 +487,8 @@ def test_string_patterns_agree_with_the_model(
 ) -> None:
     pattern = node(schema, dotted)["pattern"]
     document = AWS_DOC if dotted.endswith("expectedBucketOwner") else S3_DOC
+    if dotted.startswith(IDENTITY_FIELDS):
+        document = IDENTITY_DOC
     parse_policy(with_value(document, dotted, good))
     assert re.search(pattern, good)
     with pytest.raises(PolicyError):
@@ -514,6 +546,11 @@ STRING_BOUNDS = [
     ("spec.store.s3.region", S3_DOC, 63, "r{}"),
     ("spec.store.glacier.region", GLACIER_DOC, 63, "r{}"),
     ("spec.store.credentialsSecretRef.name", S3_DOC, model.MAX_NAME_LENGTH, "s{}"),
+    ("spec.store.serviceAccountRef.name", IDENTITY_DOC, model.MAX_NAME_LENGTH, "s{}"),
+    ("spec.store.caBundleSecretRef.name", IDENTITY_DOC, model.MAX_NAME_LENGTH, "s{}"),
+    ("spec.store.caBundleSecretRef.key", IDENTITY_DOC, 253, "k{}"),
+    ("spec.store.serviceAccountRef.audience", IDENTITY_DOC, model.MAX_AUDIENCE_LENGTH, "a{}"),
+    ("spec.store.assumeRole.externalId", IDENTITY_DOC, 1224, "e{}"),
     ("spec.match.olderThan", S3_DOC, model.MAX_DURATION_LENGTH, "{}1s"),
     ("spec.match.quietPeriod", S3_DOC, model.MAX_DURATION_LENGTH, "{}1s"),
     ("spec.schedule.interval", S3_DOC, model.MAX_DURATION_LENGTH, "{}1h"),

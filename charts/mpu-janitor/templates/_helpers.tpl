@@ -115,4 +115,17 @@ The rules on namespaced resources, shared by the ClusterRole (all namespaces) an
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- $accounts := .Values.credentials.workloadIdentityServiceAccounts }}
+{{- if or (kindIs "invalid" $accounts) (not (empty $accounts)) }}
+# Workload identity: a short-lived token for the ServiceAccount named by
+# spec.store.serviceAccountRef, in the policy's own namespace (TokenRequest), exchanged with STS.
+# Only create on the token subresource: no get, list or use of ServiceAccounts or their Secrets;
+# only the names in credentials.workloadIdentityServiceAccounts when it lists them.
+- apiGroups: [""]
+  resources: ["serviceaccounts/token"]
+  verbs: ["create"]
+  {{- if not (kindIs "invalid" $accounts) }}
+  resourceNames: {{ toJson $accounts }}
+  {{- end }}
+{{- end }}
 {{- end }}

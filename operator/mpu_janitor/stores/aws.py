@@ -3,15 +3,21 @@ reports every HTTP attempt to the request observer, and the store's clock from a
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
+import os
 import re
+import tempfile
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
 import boto3
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
+import botocore.session
 import botocore.utils
 
 from mpu_janitor import __version__
@@ -70,7 +76,9 @@ def make_client(
     """A thread-safe client shared by a sweep's workers. Without explicit keys: boto3's default
     chain (environment, IRSA web identity, Pod Identity, profile, instance metadata)."""
     session_kwargs: dict[str, Any] = {"region_name": region}
-    if credentials is not None and credentials.access_key_id:
+    if credentials is not None and credentials.provider is not None:
+        session_kwargs["botocore_session"] = isolated_session(credentials.provider)
+    elif credentials is not None and credentials.access_key_id:
         session_kwargs.update(
             aws_access_key_id=credentials.access_key_id,
             aws_secret_access_key=credentials.secret_access_key,
@@ -82,7 +90,12 @@ def make_client(
     session._session.get_component("response_parser_factory").set_parser_defaults(
         timestamp_parser=parse_store_timestamp
     )
-    client = session.client(service, endpoint_url=endpoint, config=config)
+    ca_file = private_ca_file(credentials.ca_bundle) if credentials is not None else None
+    client = session.client(
+        service, endpoint_url=endpoint, config=config, **({"verify": ca_file} if ca_file else {})
+    )
+    if ca_file is not None:
+        _remove_with(client, ca_file)
 
     def on_answer(response_dict: dict[str, Any] | None = None, **kwargs: Any) -> None:
         try:
@@ -116,6 +129,58 @@ def make_client(
 
     client.meta.events.register(f"response-received.{service}", on_response)
     return client
+
+
+def isolated_session(credentials: botocore.credentials.Credentials | None) -> Any:
+    """A botocore session whose only credentials are ``credentials`` (None: unsigned use
+    only): the default chain (environment, IRSA, instance metadata) is never consulted."""
+    providers = [_Given(credentials)] if credentials is not None else []
+    session = botocore.session.Session()
+    session.register_component(
+        "credential_provider", botocore.credentials.CredentialResolver(providers)
+    )
+    return session
+
+
+class _Given(botocore.credentials.CredentialProvider):  # type: ignore[misc]
+    METHOD = "mpu-janitor"
+
+    def __init__(self, credentials: botocore.credentials.Credentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> botocore.credentials.Credentials:
+        return self._credentials
+
+
+def private_ca_file(pem: str | None) -> str | None:
+    """A policy's CA bundle as a file only this process can read (botocore's ``verify`` wants
+    a path, read again for every new connection); None without a bundle."""
+    if not pem:
+        return None
+    descriptor, path = tempfile.mkstemp(prefix="mpu-janitor-ca-", suffix=".pem")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:  # mkstemp: mode 0600
+        handle.write(pem)
+    return path
+
+
+def _remove_with(client: Any, path: str) -> None:
+    """Remove ``path`` when the client is closed (or collected, or at exit at the latest)."""
+    remove = weakref.finalize(client, _unlink, path)
+    close = client.close
+
+    def close_and_remove() -> None:
+        try:
+            close()
+        finally:
+            remove()
+
+    client.close = close_and_remove
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def refuse_cut_answers(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 # (operation, code) -> None; code is an HTTP status or an error code such as "Timeout".
 RequestObserver = Callable[[str, str], None]
@@ -46,6 +46,10 @@ class StoreCredentials:
     secret_access_key: str | None = None
     session_token: str | None = None
     api_key: str | None = None  # LILT
+    # Renewing AWS credentials (botocore RefreshableCredentials: workload identity); when set,
+    # the client uses them and nothing else (no key fields, never the default chain).
+    provider: Any = None
+    ca_bundle: str | None = None  # PEM CAs the endpoint's certificate is verified with
 
     def __repr__(self) -> str:  # never leak secret values into logs or tracebacks
         return "StoreCredentials(<redacted>)"
