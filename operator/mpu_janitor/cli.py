@@ -23,6 +23,7 @@ from typing import TextIO
 import yaml
 
 from mpu_janitor import __version__
+from mpu_janitor.fairness import FairnessLimits
 from mpu_janitor.policy import (
     DEFAULT_LILT_INVENTORY_DIR,
     KIND,
@@ -404,6 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
+    operator.add_argument(
+        "--namespace-max-concurrent-sweeps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N sweeps of one namespace's policies at once (0: no cap)",
+    )
+    operator.add_argument(
+        "--namespace-max-requests-per-second",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="store requests a second shared by all sweeps of one namespace (0: no cap)",
+    )
     operator.set_defaults(run=None)
     return parser
 
@@ -427,10 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ambient = own or ""
         try:
             tenancy = Tenancy.from_flags(parse_namespaces([ambient]), args.allowed_endpoints)
+            fairness = FairnessLimits(
+                args.namespace_max_concurrent_sweeps, args.namespace_max_requests_per_second
+            )
         except ValueError as error:
             parser.error(str(error))
         return handlers.run_operator(
             tenancy=tenancy,
+            fairness=fairness,
             namespaces=args.namespace,
             metrics_address=args.metrics_address,
             metrics_port=args.metrics_port,

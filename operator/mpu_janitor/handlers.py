@@ -22,6 +22,7 @@ import kopf
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from mpu_janitor.fairness import FairnessLimits, NamespaceCaps
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
@@ -49,6 +50,7 @@ class OperatorConfig:
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR
     progress_seconds: float = PROGRESS_SECONDS  # a running sweep's status checkpoints
     tenancy: Tenancy = field(default_factory=Tenancy)  # ambient credentials, endpoints
+    fairness: FairnessLimits = field(default_factory=FairnessLimits)  # per-namespace caps
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -105,6 +107,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         lilt_inventory_dir=config.lilt_inventory_dir,
         progress_seconds=config.progress_seconds,
         tenancy=config.tenancy,
+        fairness=NamespaceCaps(config.fairness),
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)
@@ -267,10 +270,12 @@ def run_operator(
     lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
     log_format: str = "text",
     tenancy: Tenancy | None = None,
+    fairness: FairnessLimits | None = None,
 ) -> int:
     configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
         tenancy=tenancy or Tenancy(),
+        fairness=fairness or FairnessLimits(),
         metrics_address=metrics_address,
         metrics_port=metrics_port,
         peering=peering,
