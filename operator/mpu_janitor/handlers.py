@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from mpu_janitor.fairness import FairnessLimits, NamespaceCaps
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
+from mpu_janitor.metrics_access import MetricsAuthorizer, ReloadingCertificate
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
 from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
 from mpu_janitor.tenancy import Tenancy, install_redaction
@@ -51,6 +52,9 @@ class OperatorConfig:
     progress_seconds: float = PROGRESS_SECONDS  # a running sweep's status checkpoints
     tenancy: Tenancy = field(default_factory=Tenancy)  # ambient credentials, endpoints
     fairness: FairnessLimits = field(default_factory=FairnessLimits)  # per-namespace caps
+    metrics_tls_cert: str | None = None  # HTTPS for /metrics and /healthz when both are set
+    metrics_tls_key: str | None = None
+    metrics_auth: str = "none"  # "kubernetes": TokenReview + SubjectAccessReview per scraper
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -110,7 +114,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         fairness=NamespaceCaps(config.fairness),
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
-    memo["http"] = await start_http(config, metrics, scheduler)
+    memo["http"] = await start_http(config, metrics, scheduler, kube)
     scheduler.start()
     log.info(
         "mpu-janitor started: metrics on %s:%s, identity %s",
@@ -193,9 +197,20 @@ def _peer_alive(info: Mapping[str, Any], now: float) -> bool:
 
 
 async def start_http(
-    config: OperatorConfig, metrics: MetricsState, scheduler: Scheduler
+    config: OperatorConfig,
+    metrics: MetricsState,
+    scheduler: Scheduler,
+    kube: KubeClient | None = None,
 ) -> web.AppRunner:
     registry = new_registry(metrics)
+    middlewares = []
+    if config.metrics_auth == "kubernetes":
+        if kube is None:
+            raise ValueError("--metrics-auth=kubernetes needs a Kubernetes client")
+        middlewares.append(MetricsAuthorizer(kube).middleware())
+    tls = None
+    if config.metrics_tls_cert and config.metrics_tls_key:
+        tls = ReloadingCertificate(config.metrics_tls_cert, config.metrics_tls_key)
 
     async def metrics_view(request: web.Request) -> web.Response:
         # OpenMetrics when the scraper asks for it (Prometheus does), text format otherwise.
@@ -209,12 +224,17 @@ async def start_http(
             return web.Response(status=503, text=f"scheduler stalled for {stale:.0f}s\n")
         return web.Response(text="ok\n")
 
-    app = web.Application()
+    app = web.Application(middlewares=middlewares)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", health_view)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.metrics_address, config.metrics_port)
+    site = web.TCPSite(
+        runner,
+        config.metrics_address,
+        config.metrics_port,
+        ssl_context=tls.context if tls is not None else None,
+    )
     await site.start()
     server = site._server
     sockets = getattr(server, "sockets", None) or []
@@ -271,9 +291,15 @@ def run_operator(
     log_format: str = "text",
     tenancy: Tenancy | None = None,
     fairness: FairnessLimits | None = None,
+    metrics_tls_cert: str | None = None,
+    metrics_tls_key: str | None = None,
+    metrics_auth: str = "none",
 ) -> int:
     configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
+        metrics_tls_cert=metrics_tls_cert,
+        metrics_tls_key=metrics_tls_key,
+        metrics_auth=metrics_auth,
         tenancy=tenancy or Tenancy(),
         fairness=fairness or FairnessLimits(),
         metrics_address=metrics_address,
