@@ -265,3 +265,15 @@ def test_fairness_limits_name_the_flag() -> None:
         FairnessLimits(namespace_max_concurrent_sweeps=-1)
     with pytest.raises(ValueError, match="--namespace-max-requests-per-second"):
         FairnessLimits(namespace_max_requests_per_second=-2)
+
+
+def test_the_operator_refuses_a_negative_cap_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mpu_janitor.cli import main
+
+    for flag in ("--namespace-max-concurrent-sweeps=-1", "--namespace-max-requests-per-second=-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["operator", "--standalone", flag])
+        assert exit_info.value.code == 2
+        assert flag.split("=")[0] in capsys.readouterr().err

@@ -206,3 +206,12 @@ def test_metrics_flags_are_checked_and_named(tmp_path: Path) -> None:
     assert args.metrics_auth == "kubernetes" and args.metrics_tls_key is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["operator", "--metrics-auth=basic"])
+
+
+def test_the_operator_refuses_tokens_over_plain_http(capsys: pytest.CaptureFixture[str]) -> None:
+    from mpu_janitor.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["operator", "--standalone", "--metrics-auth=kubernetes"])
+    assert exit_info.value.code == 2
+    assert "--metrics-auth=kubernetes needs --metrics-tls-cert" in capsys.readouterr().err
