@@ -454,24 +454,25 @@ class Scheduler:
             if not self.fairness.acquire_slot(policy.namespace, cancel):
                 return _cancelled(policy)
             try:
-                while not self.slots.acquire(timeout=0.2):  # wait for a sweep slot
-                    if cancel.is_set():
-                        return _cancelled(policy)
-                try:
-                    store = self.fairness.paced(
-                        _open(policy, credentials, observer), policy.namespace, cancel
-                    )
-                    try:
-                        locks = SlotLocks(self.locks, self.slots)
-                        return run_sweep(
-                            policy, store, cancel=cancel, progress=progress, locks=locks
-                        )
-                    finally:
-                        store.close()
-                finally:
-                    self.slots.release()
+                return in_slot()
             finally:
                 self.fairness.release_slot(policy.namespace)
+
+        def in_slot() -> SweepResult:
+            while not self.slots.acquire(timeout=0.2):  # wait for a sweep slot
+                if cancel.is_set():
+                    return _cancelled(policy)
+            try:
+                store = self.fairness.paced(
+                    _open(policy, credentials, observer), policy.namespace, cancel
+                )
+                try:
+                    locks = SlotLocks(self.locks, self.slots)
+                    return run_sweep(policy, store, cancel=cancel, progress=progress, locks=locks)
+                finally:
+                    store.close()
+            finally:
+                self.slots.release()
 
         return await loop.run_in_executor(self.pool, functools.partial(blocking))
 
