@@ -23,6 +23,8 @@ from typing import TextIO
 import yaml
 
 from mpu_janitor import __version__
+from mpu_janitor.fairness import FairnessLimits
+from mpu_janitor.metrics_access import AUTH_MODES, tls_options
 from mpu_janitor.policy import (
     DEFAULT_LILT_INVENTORY_DIR,
     KIND,
@@ -377,6 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("--metrics-address", default="0.0.0.0")
     operator.add_argument("--metrics-port", type=int, default=8080)
+    operator.add_argument(
+        "--metrics-tls-cert", metavar="FILE", help="serve /metrics over HTTPS with this PEM chain"
+    )
+    operator.add_argument("--metrics-tls-key", metavar="FILE", help="its PEM private key")
+    operator.add_argument(
+        "--metrics-auth",
+        choices=AUTH_MODES,
+        default="none",
+        help="kubernetes: each scrape's bearer token is checked (TokenReview) and its user must "
+        "be allowed get on /metrics (SubjectAccessReview); needs --metrics-tls-cert",
+    )
     peering = operator.add_mutually_exclusive_group()
     peering.add_argument("--peering", help="Kopf peering name: one replica sweeps, others wait")
     peering.add_argument("--standalone", action="store_true", help="no peering (one replica)")
@@ -417,6 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the kubeconfig context to use (default: in a Pod its ServiceAccount, else the "
         "current context of KUBECONFIG or ~/.kube/config)",
     )
+    operator.add_argument(
+        "--namespace-max-concurrent-sweeps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N sweeps of one namespace's policies at once (0: no cap)",
+    )
+    operator.add_argument(
+        "--namespace-max-requests-per-second",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="store requests a second shared by all sweeps of one namespace (0: no cap)",
+    )
     operator.set_defaults(run=None)
     return parser
 
@@ -442,10 +469,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             tenancy = Tenancy.from_flags(
                 parse_namespaces([ambient]), args.allowed_endpoints, args.sts_endpoint
             )
+            fairness = FairnessLimits(
+                args.namespace_max_concurrent_sweeps, args.namespace_max_requests_per_second
+            )
+            tls_options(args.metrics_tls_cert, args.metrics_tls_key, args.metrics_auth)
         except ValueError as error:
             parser.error(str(error))
         return handlers.run_operator(
             tenancy=tenancy,
+            fairness=fairness,
+            metrics_tls_cert=args.metrics_tls_cert,
+            metrics_tls_key=args.metrics_tls_key,
+            metrics_auth=args.metrics_auth,
             namespaces=args.namespace,
             metrics_address=args.metrics_address,
             metrics_port=args.metrics_port,

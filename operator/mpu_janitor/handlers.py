@@ -23,9 +23,11 @@ import kopf
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from mpu_janitor.fairness import FairnessLimits, NamespaceCaps
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.login import NoCredentials, kopf_login, logged_in
 from mpu_janitor.metrics import MetricsState, new_registry
+from mpu_janitor.metrics_access import MetricsAuthorizer, ReloadingCertificate
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
 from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
 from mpu_janitor.tenancy import Tenancy, install_redaction
@@ -51,6 +53,10 @@ class OperatorConfig:
     progress_seconds: float = PROGRESS_SECONDS  # a running sweep's status checkpoints
     tenancy: Tenancy = field(default_factory=Tenancy)  # ambient credentials, endpoints
     kube_context: str | None = None  # a kubeconfig context (default: in-cluster, then current)
+    fairness: FairnessLimits = field(default_factory=FairnessLimits)  # per-namespace caps
+    metrics_tls_cert: str | None = None  # HTTPS for /metrics and /healthz when both are set
+    metrics_tls_key: str | None = None
+    metrics_auth: str = "none"  # "kubernetes": TokenReview + SubjectAccessReview per scraper
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -117,9 +123,10 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         lilt_inventory_dir=config.lilt_inventory_dir,
         progress_seconds=config.progress_seconds,
         tenancy=config.tenancy,
+        fairness=NamespaceCaps(config.fairness),
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
-    memo["http"] = await start_http(config, metrics, scheduler)
+    memo["http"] = await start_http(config, metrics, scheduler, kube)
     scheduler.start()
     log.info(
         "mpu-janitor started: metrics on %s:%s, identity %s",
@@ -199,9 +206,20 @@ def _peer_alive(info: Mapping[str, Any], now: float) -> bool:
 
 
 async def start_http(
-    config: OperatorConfig, metrics: MetricsState, scheduler: Scheduler
+    config: OperatorConfig,
+    metrics: MetricsState,
+    scheduler: Scheduler,
+    kube: KubeClient | None = None,
 ) -> web.AppRunner:
     registry = new_registry(metrics)
+    middlewares = []
+    if config.metrics_auth == "kubernetes":
+        if kube is None:
+            raise ValueError("--metrics-auth=kubernetes needs a Kubernetes client")
+        middlewares.append(MetricsAuthorizer(kube).middleware())
+    tls = None
+    if config.metrics_tls_cert and config.metrics_tls_key:
+        tls = ReloadingCertificate(config.metrics_tls_cert, config.metrics_tls_key)
 
     async def metrics_view(request: web.Request) -> web.Response:
         # OpenMetrics when the scraper asks for it (Prometheus does), text format otherwise.
@@ -215,12 +233,17 @@ async def start_http(
             return web.Response(status=503, text=f"scheduler stalled for {stale:.0f}s\n")
         return web.Response(text="ok\n")
 
-    app = web.Application()
+    app = web.Application(middlewares=middlewares)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", health_view)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.metrics_address, config.metrics_port)
+    site = web.TCPSite(
+        runner,
+        config.metrics_address,
+        config.metrics_port,
+        ssl_context=tls.context if tls is not None else None,
+    )
     await site.start()
     server = site._server
     sockets = getattr(server, "sockets", None) or []
@@ -277,10 +300,18 @@ def run_operator(
     log_format: str = "text",
     tenancy: Tenancy | None = None,
     kube_context: str | None = None,
+    fairness: FairnessLimits | None = None,
+    metrics_tls_cert: str | None = None,
+    metrics_tls_key: str | None = None,
+    metrics_auth: str = "none",
 ) -> int:
     configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
+        metrics_tls_cert=metrics_tls_cert,
+        metrics_tls_key=metrics_tls_key,
+        metrics_auth=metrics_auth,
         tenancy=tenancy or Tenancy(),
+        fairness=fairness or FairnessLimits(),
         metrics_address=metrics_address,
         metrics_port=metrics_port,
         peering=peering,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -244,6 +244,49 @@ class KubeClient:
             )
 
         return await self._call(call)
+
+    async def review_token(self, token: str) -> Mapping[str, Any]:
+        """A TokenReview of someone else's bearer token: its ``status`` (``authenticated``,
+        ``user`` with ``username``, ``uid``, ``groups``, ``extra``)."""
+        review = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token},
+        }
+        body = await self.request(
+            "POST", "/apis/authentication.k8s.io/v1/tokenreviews", json=review
+        )
+        status: Mapping[str, Any] = (body or {}).get("status") or {}
+        return status
+
+    async def review_access(
+        self,
+        *,
+        user: str,
+        groups: Sequence[str],
+        uid: str,
+        extra: Mapping[str, Sequence[str]],
+        path: str,
+        verb: str,
+    ) -> Mapping[str, Any]:
+        """A SubjectAccessReview of a user's ``verb`` on a non-resource URL (``/metrics``):
+        its ``status`` (``allowed``, ``denied``, ``reason``)."""
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "groups": list(groups),
+                "uid": uid,
+                "extra": {key: list(values) for key, values in extra.items()},
+                "nonResourceAttributes": {"path": path, "verb": verb},
+            },
+        }
+        body = await self.request(
+            "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", json=review
+        )
+        status: Mapping[str, Any] = (body or {}).get("status") or {}
+        return status
 
     async def close(self) -> None:
         async with self._lock:

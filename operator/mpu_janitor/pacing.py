@@ -128,3 +128,50 @@ class Pacer:
             time.sleep(seconds)
         elif self.cancel.wait(seconds):
             raise Cancelled()
+
+
+class SharedRate:
+    """A token bucket shared by several sweeps (one namespace's, ``--namespace-max-requests-
+    per-second``): between them, at most ``rate`` requests a second, with at most one second
+    of burst. Each request takes one token, its retries too. Thread-safe; ``clock`` and
+    ``sleep`` can be replaced (tests count requests against a virtual clock)."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float, threading.Event | None], None] | None = None,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError(f"a shared request rate must be above 0, not {rate}")
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep or _wait
+        self._lock = threading.Lock()
+        self._tokens = min(rate, 1.0)
+        self._last = clock()
+
+    def acquire(self, cancel: threading.Event | None = None) -> None:
+        """Wait for one token; raises Cancelled when ``cancel`` is set first (None: the
+        request must go out, as a verification of an abort already sent)."""
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            with self._lock:
+                now = self._clock()
+                burst = max(1.0, self.rate)
+                self._tokens = min(burst, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1.0 - 1e-9:  # not a wait shorter than the clock's step
+                    self._tokens = max(0.0, self._tokens - 1.0)
+                    return
+                wait = (1.0 - self._tokens) / self.rate
+            self._sleep(min(wait, 1.0), cancel)
+
+
+def _wait(seconds: float, cancel: threading.Event | None) -> None:
+    if cancel is None:
+        time.sleep(seconds)
+    else:
+        cancel.wait(seconds)

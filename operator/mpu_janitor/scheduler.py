@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mpu_janitor.credentials import CredentialsNotFound, load_credentials
+from mpu_janitor.fairness import NamespaceCaps
 from mpu_janitor.kube import KubeClient, NotFound
 from mpu_janitor.metrics import MetricsState
 from mpu_janitor.pacing import Cancelled
@@ -155,8 +156,10 @@ class Scheduler:
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
         progress_seconds: float | None = None,
         tenancy: Tenancy | None = None,
+        fairness: NamespaceCaps | None = None,
     ) -> None:
         self.tenancy = tenancy or Tenancy()
+        self.fairness = fairness or NamespaceCaps()  # per-namespace sweep and request caps
         self.progress_seconds = PROGRESS_SECONDS if progress_seconds is None else progress_seconds
         self.lilt_inventory_dir = os.path.realpath(lilt_inventory_dir)
         self.kube = kube
@@ -449,11 +452,23 @@ class Scheduler:
                 loop.call_soon_threadsafe(self._checkpoint, entry, policy, checkpoint)
 
         def blocking() -> SweepResult:
+            # The namespace's slot first: sweeps queued behind their own namespace's cap hold
+            # none of the operator-wide slots, which other namespaces' policies then get.
+            if not self.fairness.acquire_slot(policy.namespace, cancel):
+                return _cancelled(policy)
+            try:
+                return in_slot()
+            finally:
+                self.fairness.release_slot(policy.namespace)
+
+        def in_slot() -> SweepResult:
             while not self.slots.acquire(timeout=0.2):  # wait for a sweep slot
                 if cancel.is_set():
                     return _cancelled(policy)
             try:
-                store = _open(policy, credentials, observer)
+                store = self.fairness.paced(
+                    _open(policy, credentials, observer), policy.namespace, cancel
+                )
                 try:
                     locks = SlotLocks(self.locks, self.slots)
                     return run_sweep(policy, store, cancel=cancel, progress=progress, locks=locks)

@@ -38,12 +38,14 @@ BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-binaries.sh"
 CONTROL_PLANE_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
 
 # The controllers a test cluster needs without a kubelet: namespaces finish terminating,
-# owner references are honoured, every namespace gets its "default" ServiceAccount.
+# owner references are honoured, every namespace gets its "default" ServiceAccount, and
+# aggregated ClusterRoles (the built-in view, edit and admin) collect their labelled rules.
 CONTROLLERS = (
     "namespace-controller",
     "garbage-collector-controller",
     "serviceaccount-controller",
     "serviceaccount-token-controller",
+    "clusterrole-aggregation-controller",
 )
 
 ADMIN_USER = "admin"

@@ -197,6 +197,8 @@ def test_defaults_render_the_minimum(tmp_path: Path) -> None:
     objects = render(tmp_path)
     assert kinds(objects) == [
         "ClusterRole",
+        "ClusterRole",  # <full name>-view, aggregated into the built-in view, edit and admin
+        "ClusterRole",  # <full name>-edit, aggregated into the built-in edit and admin
         "ClusterRoleBinding",
         "Deployment",
         "Service",
@@ -254,7 +256,7 @@ def test_deployment_defaults(tmp_path: Path) -> None:
 
 def test_cluster_wide_rbac_is_exact(tmp_path: Path) -> None:
     objects = render(tmp_path)
-    role = only(objects, "ClusterRole")
+    role = only(objects, "ClusterRole", FULLNAME)
     assert role["rules"] == [*POLICY_RULES, CRD_DISCOVERY, NAMESPACE_WATCH]
     binding = only(objects, "ClusterRoleBinding")
     assert binding["roleRef"] == {
@@ -306,8 +308,7 @@ def test_namespaced_mode_uses_roles(tmp_path: Path) -> None:
             {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
         ]
     # Cluster-wide, only reading CRDs is left: no Secrets, no namespaces.
-    cluster_role = only(objects, "ClusterRole")
-    assert cluster_role["metadata"]["name"] == f"{FULLNAME}-crd-discovery"
+    cluster_role = only(objects, "ClusterRole", f"{FULLNAME}-crd-discovery")
     assert cluster_role["rules"] == [CRD_DISCOVERY]
     assert only(objects, "ClusterRoleBinding")["roleRef"]["name"] == f"{FULLNAME}-crd-discovery"
     args = parsed_args(objects)
@@ -324,7 +325,7 @@ def test_more_replicas_need_peering(tmp_path: Path) -> None:
     peering = only(objects, "ClusterKopfPeering")
     assert peering["apiVersion"] == "kopf.dev/v1"
     assert peering["metadata"]["name"] == FULLNAME
-    assert only(objects, "ClusterRole")["rules"][-1] == {
+    assert only(objects, "ClusterRole", FULLNAME)["rules"][-1] == {
         "apiGroups": ["kopf.dev"],
         "resources": ["clusterkopfpeerings"],
         "verbs": PEERING_VERBS,
@@ -798,3 +799,187 @@ def test_tenancy_values(tmp_path: Path) -> None:
     assert [e["name"] for e in env] == ["POD_NAMESPACE", "HTTPS_PROXY"]
     none = parsed_args(render(tmp_path, {"credentials": {"ambientNamespaces": []}}))
     assert none.ambient_credentials_namespaces == ""
+
+
+# -- tenants' roles, fairness, metrics access, NetworkPolicy ------------------------------------
+
+SECURITY_FEATURES: dict[str, Any] = {
+    "metrics": {
+        "tls": {"secretName": "metrics-tls"},
+        "auth": {
+            "mode": "kubernetes",
+            "readers": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": "mon"}],
+        },
+    },
+    "networkPolicy": {"enabled": True, "egress": {"apiServer": {"cidrs": ["10.0.0.1/32"]}}},
+    "serviceMonitor": {"enabled": True},
+}
+
+
+def test_lint_with_every_security_feature(tmp_path: Path) -> None:
+    result = helm("lint", "--strict", str(CHART), values=SECURITY_FEATURES, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tenants_get_policies_through_the_built_in_roles_but_never_the_status(
+    tmp_path: Path,
+) -> None:
+    objects = render(tmp_path)
+    view = only(objects, "ClusterRole", f"{FULLNAME}-view")
+    edit = only(objects, "ClusterRole", f"{FULLNAME}-edit")
+    aggregate = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {k for k, v in view["metadata"]["labels"].items() if k.startswith(aggregate)} == {
+        aggregate + "view",
+        aggregate + "edit",
+        aggregate + "admin",
+    }
+    assert {k for k, v in edit["metadata"]["labels"].items() if k.startswith(aggregate)} == {
+        aggregate + "edit",
+        aggregate + "admin",
+    }
+    assert all(v == "true" for k, v in edit["metadata"]["labels"].items() if aggregate in k)
+    assert view["rules"] == [
+        {
+            "apiGroups": ["mpu-janitor.dev"],
+            "resources": ["uploadlifecyclepolicies"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    assert edit["rules"] == [
+        {
+            "apiGroups": ["mpu-janitor.dev"],
+            "resources": ["uploadlifecyclepolicies"],
+            "verbs": ["create", "update", "patch", "delete", "deletecollection"],
+        }
+    ]
+    off = render(tmp_path, {"rbac": {"aggregateToView": False, "aggregateToEdit": False}})
+    names = {o["metadata"]["name"] for o in off if o["kind"] == "ClusterRole"}
+    assert names == {FULLNAME}
+    # The tenants' roles do not depend on the operator's own RBAC being created here.
+    alone = render(tmp_path, {"rbac": {"create": False}})
+    assert {o["metadata"]["name"] for o in alone if o["kind"] == "ClusterRole"} == {
+        f"{FULLNAME}-view",
+        f"{FULLNAME}-edit",
+    }
+
+
+def test_fairness_values_reach_the_operator(tmp_path: Path) -> None:
+    args = parsed_args(render(tmp_path))
+    assert args.namespace_max_concurrent_sweeps == 4
+    assert args.namespace_max_requests_per_second == 200
+    args = parsed_args(
+        render(
+            tmp_path,
+            {"fairness": {"namespaceMaxConcurrentSweeps": 0, "namespaceMaxRequestsPerSecond": 2.5}},
+        )
+    )
+    assert (args.namespace_max_concurrent_sweeps, args.namespace_max_requests_per_second) == (
+        0,
+        2.5,
+    )
+    error = render_error(tmp_path, {"fairness": {"namespaceMaxConcurrentSweeps": -1}})
+    assert "namespaceMaxConcurrentSweeps" in error
+
+
+def test_metrics_stay_plain_http_without_review_rbac_by_default(tmp_path: Path) -> None:
+    objects = render(tmp_path, {"serviceMonitor": {"enabled": True}})
+    args = parsed_args(objects)
+    assert args.metrics_auth == "none" and args.metrics_tls_cert is None
+    assert not [o for o in objects if "metrics" in o["metadata"]["name"]]
+    rules = [r for o in objects if o["kind"] == "ClusterRole" for r in o["rules"]]
+    assert not [r for r in rules if "tokenreviews" in r.get("resources", [])]
+    endpoint = only(objects, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert "scheme" not in endpoint and "bearerTokenFile" not in endpoint
+
+
+def test_metrics_over_https_with_kubernetes_authorisation(tmp_path: Path) -> None:
+    objects = render(tmp_path, SECURITY_FEATURES)
+    args = parsed_args(objects)
+    assert args.metrics_auth == "kubernetes"
+    assert args.metrics_tls_cert == "/etc/mpu-janitor/metrics-tls/tls.crt"
+    assert args.metrics_tls_key == "/etc/mpu-janitor/metrics-tls/tls.key"
+    operator = container(objects)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "metrics-tls", "secret": {"secretName": "metrics-tls"}} in pod["volumes"]
+    assert {
+        "name": "metrics-tls",
+        "mountPath": "/etc/mpu-janitor/metrics-tls",
+        "readOnly": True,
+    } in operator["volumeMounts"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert operator[probe]["httpGet"]["scheme"] == "HTTPS"
+    reviews = only(objects, "ClusterRole", f"{FULLNAME}-metrics-auth")
+    assert reviews["rules"] == [
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
+        {
+            "apiGroups": ["authorization.k8s.io"],
+            "resources": ["subjectaccessreviews"],
+            "verbs": ["create"],
+        },
+    ]
+    binding = only(objects, "ClusterRoleBinding", f"{FULLNAME}-metrics-auth")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+    ]
+    reader = only(objects, "ClusterRole", f"{FULLNAME}-metrics-reader")
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    readers = only(objects, "ClusterRoleBinding", f"{FULLNAME}-metrics-reader")
+    assert readers["subjects"] == SECURITY_FEATURES["metrics"]["auth"]["readers"]
+    endpoint = only(objects, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    # In namespaced mode the reviews are still cluster-scoped: the same ClusterRole.
+    scoped = render(tmp_path, {**SECURITY_FEATURES, "watchNamespaces": ["media"]})
+    assert only(scoped, "ClusterRole", f"{FULLNAME}-metrics-auth")["rules"] == reviews["rules"]
+    error = render_error(tmp_path, {"metrics": {"auth": {"mode": "kubernetes"}}})
+    assert "metrics.auth.mode=kubernetes needs metrics.tls.secretName" in error
+
+
+def test_network_policy_lets_in_prometheus_only_and_out_to_dns_api_and_stores(
+    tmp_path: Path,
+) -> None:
+    assert not [o for o in render(tmp_path) if o["kind"] == "NetworkPolicy"]
+    error = render_error(tmp_path, {"networkPolicy": {"enabled": True}})
+    assert "networkPolicy.egress.apiServer.cidrs" in error
+    objects = render(tmp_path, SECURITY_FEATURES)
+    policy = only(objects, "NetworkPolicy")["spec"]
+    assert policy["podSelector"] == only(objects, "Deployment")["spec"]["selector"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress == {
+        "from": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+            }
+        ],
+        "ports": [{"port": "http-metrics", "protocol": "TCP"}],
+    }
+    dns, api, stores = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert stores == {
+        "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+    custom = render(
+        tmp_path,
+        {
+            "networkPolicy": {
+                "enabled": True,
+                "egress": {
+                    "apiServer": {"cidrs": ["192.168.0.10/32"]},
+                    "stores": [{"cidr": "10.20.0.0/16", "ports": [{"port": 9000}]}],
+                    "extra": [{"to": [{"ipBlock": {"cidr": "10.30.0.5/32"}}]}],
+                },
+            }
+        },
+    )
+    egress = only(custom, "NetworkPolicy")["spec"]["egress"]
+    assert egress[2] == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 9000}]}
+    assert egress[3] == {"to": [{"ipBlock": {"cidr": "10.30.0.5/32"}}]}
