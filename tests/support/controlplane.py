@@ -309,6 +309,20 @@ class ControlPlane:
         self.apiserver_restart_ready_seconds = self._wait_apiserver_ready()
         return self.apiserver_restart_ready_seconds
 
+    def restart_etcd(self, *, grace: float = 10.0, down: float = 0.0) -> float:
+        """Stop etcd by PID and start it again on the same ports and data directory, with the
+        API server left running (it answers errors meanwhile and reconnects by itself).
+
+        ``down``: seconds etcd stays stopped. Returns the seconds from etcd's new start until
+        the API server's ``/readyz`` passes again (its etcd check included).
+        """
+        self.processes.pop("etcd").stop(timeout=grace)
+        time.sleep(down)
+        started = time.monotonic()
+        self._start_etcd()
+        self._wait_apiserver_ready()
+        return time.monotonic() - started
+
     def logs(self, lines: int = 40) -> str:
         """The tail of every component's log (for failure reports)."""
         parts = []
