@@ -25,7 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
-from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
+from mpu_janitor.scheduler import HANDOVER_SECONDS, PROGRESS_SECONDS, Scheduler
 from mpu_janitor.tenancy import Tenancy, install_redaction
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         lilt_inventory_dir=config.lilt_inventory_dir,
         progress_seconds=config.progress_seconds,
         tenancy=config.tenancy,
+        handover_seconds=HANDOVER_SECONDS if config.peering else 0.0,
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)
@@ -148,7 +149,8 @@ async def on_policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **
 
 
 async def is_active_peer(kube: KubeClient, config: OperatorConfig) -> bool:
-    """True unless a live peer outranks us (Kopf pauses on equal priorities too)."""
+    """True unless a live peer outranks us (Kopf pauses on equal priorities too). Raises when
+    the peering cannot be read: that is no sign of a peer (a running sweep goes on)."""
     if config.peering is None:
         return True
     if config.namespaces:
@@ -158,11 +160,7 @@ async def is_active_peer(kube: KubeClient, config: OperatorConfig) -> bool:
         )
     else:
         path = f"/apis/{PEERING_GROUP}/v1/clusterkopfpeerings/{config.peering}"
-    try:
-        body = await kube.request("GET", path)
-    except KubeError as error:
-        log.warning("cannot read peering %s: %s; not sweeping", config.peering, error)
-        return False
+    body = await kube.request("GET", path)
     now = time.time()
     for identity, info in ((body or {}).get("status") or {}).items():
         if identity == config.identity or not isinstance(info, dict):

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 SWEEP_NOW_ANNOTATION = "mpu-janitor.dev/sweep-now"
 STANDBY_RECHECK_SECONDS = 5.0  # a standby replica's look at the peering object
+# A replica that finds itself the active one waits this long before its first sweep: the one it
+# replaces (outranked, or stopping) sees that within a recheck and stops between uploads.
+HANDOVER_SECONDS = 2 * STANDBY_RECHECK_SECONDS
 JITTER = 0.1  # +-10% of the interval, so policies created together drift apart
 RETRY_AFTER_PROBLEM = timedelta(minutes=1)  # credentials missing: look again soon
 PROGRESS_SECONDS = 30.0  # a running sweep's counts reach the status at most this often
@@ -155,6 +158,7 @@ class Scheduler:
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
         progress_seconds: float | None = None,
         tenancy: Tenancy | None = None,
+        handover_seconds: float = 0.0,
     ) -> None:
         self.tenancy = tenancy or Tenancy()
         self.progress_seconds = PROGRESS_SECONDS if progress_seconds is None else progress_seconds
@@ -164,6 +168,9 @@ class Scheduler:
         self.post_event = post_event
         self.is_active = is_active
         self.active = False  # did the last look at the peering say we sweep?
+        self.handover_seconds = handover_seconds
+        self._active_since: float | None = None  # first look of the current active spell
+        self._looked = 0.0
         self.locks = locks or TargetLocks()
         self.slots = threading.Semaphore(max_parallel_sweeps)
         self.pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="sweeps")
@@ -331,24 +338,54 @@ class Scheduler:
             for e in self.entries.values()
             if e.due is not None and e.due <= now and not e.sweeping
         ]
+        running = [e for e in self.entries.values() if e.sweeping]
         standby = False
-        if due:
-            try:
-                self.active = await self.is_active()
-            except Exception as error:
-                log.warning("cannot tell whether this replica sweeps (%s); not sweeping", error)
-                self.active = False
-            if self.active:
+        if due or (running and now - self._looked >= STANDBY_RECHECK_SECONDS):
+            if await self._look() is False:
+                self._yield(running)
+            if due and self.active:
                 for entry in due:
                     entry.due = None
                     entry.cancel = threading.Event()
                     entry.task = asyncio.create_task(
                         self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
                     )
-            else:
+            elif due:
                 standby = True  # another replica sweeps; ask again in a while
-        waits = [e.due - now for e in self.entries.values() if e.due is not None]
-        return STANDBY_RECHECK_SECONDS if standby else max(0.05, min([5.0, *waits]))
+        waits = [e.due - now for e in self.entries.values() if e.due is not None and not e.sweeping]
+        # At least one look a recheck while sweeping: a peer that outranks us stops our sweeps.
+        return (
+            STANDBY_RECHECK_SECONDS
+            if standby
+            else max(0.05, min([STANDBY_RECHECK_SECONDS, *waits]))
+        )
+
+    async def _look(self) -> bool | None:
+        """Ask the peering whether this replica sweeps: True, False (a peer outranks us) or
+        None (cannot tell). ``self.active`` says whether to start sweeps: only after a handover
+        period of being the active replica."""
+        self._looked = now = time.monotonic()
+        try:
+            answer = await self.is_active()
+        except Exception as error:
+            log.warning("cannot tell whether this replica sweeps (%s); not sweeping", error)
+            self.active = False
+            return None
+        if not answer:
+            self._active_since = None
+        elif self._active_since is None:
+            self._active_since = now
+        self.active = answer and now - (self._active_since or now) >= self.handover_seconds
+        return answer
+
+    def _yield(self, running: list[PolicyEntry]) -> None:
+        """A peer outranks us: stop our sweeps between uploads, so only one replica sweeps;
+        they stay due for when this replica is the active one again."""
+        for entry in running:
+            if not entry.cancel.is_set():
+                log.info("a peer outranks this replica: stopping the sweep of %s/%s", *entry.key)
+                entry.cancel.set()
+                entry.due = time.monotonic()
 
     async def _sweep(self, entry: PolicyEntry) -> None:
         policy = entry.policy
