@@ -25,7 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from mpu_janitor.kube import KubeClient, KubeError
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
-from mpu_janitor.scheduler import HANDOVER_SECONDS, PROGRESS_SECONDS, Scheduler
+from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
 from mpu_janitor.tenancy import Tenancy, install_redaction
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,10 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         metrics,
         post_event,
         is_active=lambda: is_active_peer(kube, config),
+        peered=config.peering is not None,
         lilt_inventory_dir=config.lilt_inventory_dir,
         progress_seconds=config.progress_seconds,
         tenancy=config.tenancy,
-        handover_seconds=HANDOVER_SECONDS if config.peering else 0.0,
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
     memo["http"] = await start_http(config, metrics, scheduler)

@@ -154,11 +154,11 @@ class Scheduler:
         *,
         max_parallel_sweeps: int = 8,
         is_active: IsActive = always_active,
+        peered: bool = False,  # replicas take turns (peering): hand over between them
         locks: TargetLocks | None = None,
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
         progress_seconds: float | None = None,
         tenancy: Tenancy | None = None,
-        handover_seconds: float = 0.0,
     ) -> None:
         self.tenancy = tenancy or Tenancy()
         self.progress_seconds = PROGRESS_SECONDS if progress_seconds is None else progress_seconds
@@ -168,7 +168,7 @@ class Scheduler:
         self.post_event = post_event
         self.is_active = is_active
         self.active = False  # did the last look at the peering say we sweep?
-        self.handover_seconds = handover_seconds
+        self.peered = peered
         self._active_since: float | None = None  # first look of the current active spell
         self._looked = 0.0
         self.locks = locks or TargetLocks()
@@ -375,7 +375,8 @@ class Scheduler:
             self._active_since = None
         elif self._active_since is None:
             self._active_since = now
-        self.active = answer and now - (self._active_since or now) >= self.handover_seconds
+        handover = HANDOVER_SECONDS if self.peered else 0.0
+        self.active = answer and now - (self._active_since or now) >= handover
         return answer
 
     def _yield(self, running: list[PolicyEntry]) -> None:

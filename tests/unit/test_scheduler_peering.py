@@ -53,7 +53,7 @@ class SlowSweep:
         return result
 
 
-def make(peering: Peering, handover: float = 0.0) -> tuple[Scheduler, RecordingKube]:
+def make(peering: Peering, *, peered: bool = False) -> tuple[Scheduler, RecordingKube]:
     kube = RecordingKube()
 
     async def post(obj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
@@ -65,7 +65,7 @@ def make(peering: Peering, handover: float = 0.0) -> tuple[Scheduler, RecordingK
         post,
         is_active=peering,
         tenancy=AMBIENT,
-        **({"handover_seconds": handover} if handover else {}),
+        peered=peered,
     )
     return sched, kube
 
@@ -116,8 +116,9 @@ async def test_a_replica_that_becomes_active_waits_a_handover_before_sweeping(
     sweep = SlowSweep()
     sweep.release.set()
     monkeypatch.setattr(scheduler_module, "run_sweep", sweep)
+    monkeypatch.setattr(scheduler_module, "HANDOVER_SECONDS", 0.5)
     peering = Peering(True)
-    sched, _ = make(peering, handover=0.5)
+    sched, _ = make(peering, peered=True)
     sched.upsert(body("p", S3))
     sched.start()
     try:
