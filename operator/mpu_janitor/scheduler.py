@@ -29,6 +29,7 @@ from mpu_janitor.metrics import MetricsState
 from mpu_janitor.pacing import Cancelled
 from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, Policy, PolicyError, parse_spec
 from mpu_janitor.reporting import StatusWriter
+from mpu_janitor.schedule import Schedule
 from mpu_janitor.status import (
     SUSPENDED,
     SWEEPING,
@@ -82,7 +83,7 @@ class PolicyEntry:
     generation: int | None = None
     policy: Policy | None = None
     error: PolicyError | None = None
-    due: float | None = None  # monotonic time of the next sweep; None: not scheduled
+    schedule: Schedule = field(default_factory=Schedule)  # when the next sweep is due
     task: asyncio.Task[None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     handled_sweep_now: str | None = None  # the newest request accepted (done, running or due)
@@ -93,6 +94,11 @@ class PolicyEntry:
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
+
+    @property
+    def due(self) -> float | None:
+        """Monotonic time of the next sweep; None: not scheduled."""
+        return self.schedule.due
 
     @property
     def status(self) -> dict[str, Any]:
@@ -212,7 +218,7 @@ class Scheduler:
         if request and request != entry.handled_sweep_now and policy and not policy.suspend:
             log.info("sweep requested for %s/%s by annotation", *key)
             entry.handled_sweep_now = entry.request_for_next = request
-            entry.due = time.monotonic()
+            entry.schedule.request_now(time.monotonic())
         self._wakeup.set()
 
     def remove(self, namespace: str, name: str) -> None:
@@ -238,7 +244,8 @@ class Scheduler:
             )
             self._check_operator_limits(policy)
         except PolicyError as error:
-            entry.policy, entry.error, entry.due = None, error, None
+            entry.policy, entry.error = None, error
+            entry.schedule.park()
             log.warning("policy %s/%s is invalid: %s", entry.namespace, entry.name, error)
             self.metrics.register_invalid(entry.key, entry.store_label)
             self.metrics.count_error(entry.key, entry.store_label, "InvalidSpec")
@@ -247,12 +254,12 @@ class Scheduler:
         entry.policy, entry.error = policy, None
         self.metrics.register_policy(policy)
         if policy.suspend:
-            entry.due = None
+            entry.schedule.park()
             self._set_ready(
                 entry, True, SUSPENDED, "sweeps are suspended (spec.suspend): nothing is aborted"
             )
             return
-        entry.due = time.monotonic()
+        entry.schedule.request_now(time.monotonic())
         observed = entry.status.get("observedGeneration")
         if resumed and observed == entry.generation:
             # An operator restart resumes the schedule it published instead of sweeping
@@ -267,7 +274,7 @@ class Scheduler:
             upcoming = _parse_time(entry.status.get("nextSweepTime"))
             if upcoming is not None:
                 wait = (upcoming - datetime.now(UTC)).total_seconds()
-                entry.due = time.monotonic() + max(0.0, min(wait, jittered(policy.interval)))
+                entry.schedule.resume(time.monotonic(), min(wait, jittered(policy.interval)))
             return
         self._set_ready(
             entry, None, SWEEPING, f"generation {entry.generation} is about to be swept"
@@ -333,11 +340,7 @@ class Scheduler:
             return 0.05  # no new sweep once stopping
         self.last_tick = time.monotonic()
         now = time.monotonic()
-        due = [
-            e
-            for e in self.entries.values()
-            if e.due is not None and e.due <= now and not e.sweeping
-        ]
+        due = [e for e in self.entries.values() if e.schedule.is_due(now) and not e.sweeping]
         running = [e for e in self.entries.values() if e.sweeping]
         standby = False
         if due or (running and now - self._looked >= STANDBY_RECHECK_SECONDS):
@@ -345,7 +348,7 @@ class Scheduler:
                 self._yield(running)
             if due and self.active:
                 for entry in due:
-                    entry.due = None
+                    entry.schedule.start()
                     entry.cancel = threading.Event()
                     entry.task = asyncio.create_task(
                         self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
@@ -386,7 +389,7 @@ class Scheduler:
             if not entry.cancel.is_set():
                 log.info("a peer outranks this replica: stopping the sweep of %s/%s", *entry.key)
                 entry.cancel.set()
-                entry.due = time.monotonic()
+                entry.schedule.request_now(time.monotonic())
 
     async def _sweep(self, entry: PolicyEntry) -> None:
         policy = entry.policy
@@ -401,6 +404,7 @@ class Scheduler:
                     entry, policy, request, "InternalError", f"{type(error).__name__}: {error}"
                 )
         finally:
+            entry.schedule.end()
             self._wakeup.set()
 
     async def _sweep_once(self, entry: PolicyEntry, policy: Policy, request: str | None) -> None:
@@ -504,10 +508,9 @@ class Scheduler:
             self._write(entry, checkpoint)
 
     def _reschedule(self, entry: PolicyEntry, after: timedelta) -> datetime:
-        delay = jittered(after)
-        if entry.due is None:  # a sweep-now or spec change may have set an earlier time
-            entry.due = time.monotonic() + delay
-        return datetime.now(UTC) + timedelta(seconds=max(0.0, entry.due - time.monotonic()))
+        now = time.monotonic()
+        due = entry.schedule.finish(now, jittered(after))  # sooner if asked for meanwhile
+        return datetime.now(UTC) + timedelta(seconds=max(0.0, due - now))
 
     # -- reporting ---------------------------------------------------------------------------------
 
