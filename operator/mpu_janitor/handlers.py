@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from mpu_janitor.fairness import FairnessLimits, NamespaceCaps
-from mpu_janitor.kube import KubeClient, KubeError
+from mpu_janitor.kube import KubeClient
 from mpu_janitor.login import NoCredentials, kopf_login, logged_in
 from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.metrics_access import MetricsAuthorizer, ReloadingCertificate
@@ -120,6 +120,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         metrics,
         post_event,
         is_active=lambda: is_active_peer(kube, config),
+        peered=config.peering is not None,
         lilt_inventory_dir=config.lilt_inventory_dir,
         progress_seconds=config.progress_seconds,
         tenancy=config.tenancy,
@@ -170,15 +171,12 @@ async def on_policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **
 
 
 async def is_active_peer(kube: KubeClient, config: OperatorConfig) -> bool:
-    """True unless a live peer outranks us (Kopf pauses on equal priorities too)."""
+    """True unless a live peer outranks us (Kopf pauses on equal priorities too). Raises when
+    the peering cannot be read: that is no sign of a peer (a running sweep goes on)."""
     if config.peering is None:
         return True
     namespace = config.namespaces[0] if config.namespaces else None
-    try:
-        body = await kube.get_peering(config.peering, namespace)
-    except KubeError as error:
-        log.warning("cannot read peering %s: %s; not sweeping", config.peering, error)
-        return False
+    body = await kube.get_peering(config.peering, namespace)
     now = time.time()
     for identity, info in ((body or {}).get("status") or {}).items():
         if identity == config.identity or not isinstance(info, dict):

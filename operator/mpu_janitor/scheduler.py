@@ -30,6 +30,7 @@ from mpu_janitor.metrics import MetricsState
 from mpu_janitor.pacing import Cancelled
 from mpu_janitor.policy import DEFAULT_LILT_INVENTORY_DIR, Policy, PolicyError, parse_spec
 from mpu_janitor.reporting import StatusWriter
+from mpu_janitor.schedule import Schedule
 from mpu_janitor.status import (
     SUSPENDED,
     SWEEPING,
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 SWEEP_NOW_ANNOTATION = "mpu-janitor.dev/sweep-now"
 STANDBY_RECHECK_SECONDS = 5.0  # a standby replica's look at the peering object
+# A replica that finds itself the active one waits this long before its first sweep: the one it
+# replaces (outranked, or stopping) sees that within a recheck and stops between uploads.
+HANDOVER_SECONDS = 2 * STANDBY_RECHECK_SECONDS
 JITTER = 0.1  # +-10% of the interval, so policies created together drift apart
 RETRY_AFTER_PROBLEM = timedelta(minutes=1)  # credentials missing: look again soon
 PROGRESS_SECONDS = 30.0  # a running sweep's counts reach the status at most this often
@@ -80,7 +84,7 @@ class PolicyEntry:
     generation: int | None = None
     policy: Policy | None = None
     error: PolicyError | None = None
-    due: float | None = None  # monotonic time of the next sweep; None: not scheduled
+    schedule: Schedule = field(default_factory=Schedule)  # when the next sweep is due
     task: asyncio.Task[None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     handled_sweep_now: str | None = None  # the newest request accepted (done, running or due)
@@ -91,6 +95,11 @@ class PolicyEntry:
     @property
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
+
+    @property
+    def due(self) -> float | None:
+        """Monotonic time of the next sweep; None: not scheduled."""
+        return self.schedule.due
 
     @property
     def status(self) -> dict[str, Any]:
@@ -152,6 +161,7 @@ class Scheduler:
         *,
         max_parallel_sweeps: int = 8,
         is_active: IsActive = always_active,
+        peered: bool = False,  # replicas take turns (peering): hand over between them
         locks: TargetLocks | None = None,
         lilt_inventory_dir: str = DEFAULT_LILT_INVENTORY_DIR,
         progress_seconds: float | None = None,
@@ -167,6 +177,9 @@ class Scheduler:
         self.post_event = post_event
         self.is_active = is_active
         self.active = False  # did the last look at the peering say we sweep?
+        self.peered = peered
+        self._active_since: float | None = None  # first look of the current active spell
+        self._looked = 0.0
         self.locks = locks or TargetLocks()
         self.slots = threading.Semaphore(max_parallel_sweeps)
         self.pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="sweeps")
@@ -208,7 +221,7 @@ class Scheduler:
         if request and request != entry.handled_sweep_now and policy and not policy.suspend:
             log.info("sweep requested for %s/%s by annotation", *key)
             entry.handled_sweep_now = entry.request_for_next = request
-            entry.due = time.monotonic()
+            entry.schedule.request_now(time.monotonic())
         self._wakeup.set()
 
     def remove(self, namespace: str, name: str) -> None:
@@ -234,7 +247,8 @@ class Scheduler:
             )
             self._check_operator_limits(policy)
         except PolicyError as error:
-            entry.policy, entry.error, entry.due = None, error, None
+            entry.policy, entry.error = None, error
+            entry.schedule.park()
             log.warning("policy %s/%s is invalid: %s", entry.namespace, entry.name, error)
             self.metrics.register_invalid(entry.key, entry.store_label)
             self.metrics.count_error(entry.key, entry.store_label, "InvalidSpec")
@@ -243,12 +257,12 @@ class Scheduler:
         entry.policy, entry.error = policy, None
         self.metrics.register_policy(policy)
         if policy.suspend:
-            entry.due = None
+            entry.schedule.park()
             self._set_ready(
                 entry, True, SUSPENDED, "sweeps are suspended (spec.suspend): nothing is aborted"
             )
             return
-        entry.due = time.monotonic()
+        entry.schedule.request_now(time.monotonic())
         observed = entry.status.get("observedGeneration")
         if resumed and observed == entry.generation:
             # An operator restart resumes the schedule it published instead of sweeping
@@ -263,7 +277,7 @@ class Scheduler:
             upcoming = _parse_time(entry.status.get("nextSweepTime"))
             if upcoming is not None:
                 wait = (upcoming - datetime.now(UTC)).total_seconds()
-                entry.due = time.monotonic() + max(0.0, min(wait, jittered(policy.interval)))
+                entry.schedule.resume(time.monotonic(), min(wait, jittered(policy.interval)))
             return
         self._set_ready(
             entry, None, SWEEPING, f"generation {entry.generation} is about to be swept"
@@ -329,29 +343,56 @@ class Scheduler:
             return 0.05  # no new sweep once stopping
         self.last_tick = time.monotonic()
         now = time.monotonic()
-        due = [
-            e
-            for e in self.entries.values()
-            if e.due is not None and e.due <= now and not e.sweeping
-        ]
+        due = [e for e in self.entries.values() if e.schedule.is_due(now) and not e.sweeping]
+        running = [e for e in self.entries.values() if e.sweeping]
         standby = False
-        if due:
-            try:
-                self.active = await self.is_active()
-            except Exception as error:
-                log.warning("cannot tell whether this replica sweeps (%s); not sweeping", error)
-                self.active = False
-            if self.active:
+        if due or (running and now - self._looked >= STANDBY_RECHECK_SECONDS):
+            if await self._look() is False:
+                self._yield(running)
+            if due and self.active:
                 for entry in due:
-                    entry.due = None
+                    entry.schedule.start()
                     entry.cancel = threading.Event()
                     entry.task = asyncio.create_task(
                         self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
                     )
-            else:
+            elif due:
                 standby = True  # another replica sweeps; ask again in a while
-        waits = [e.due - now for e in self.entries.values() if e.due is not None]
-        return STANDBY_RECHECK_SECONDS if standby else max(0.05, min([5.0, *waits]))
+        waits = [e.due - now for e in self.entries.values() if e.due is not None and not e.sweeping]
+        # At least one look a recheck while sweeping: a peer that outranks us stops our sweeps.
+        return (
+            STANDBY_RECHECK_SECONDS
+            if standby
+            else max(0.05, min([STANDBY_RECHECK_SECONDS, *waits]))
+        )
+
+    async def _look(self) -> bool | None:
+        """Ask the peering whether this replica sweeps: True, False (a peer outranks us) or
+        None (cannot tell). ``self.active`` says whether to start sweeps: only after a handover
+        period of being the active replica."""
+        self._looked = now = time.monotonic()
+        try:
+            answer = await self.is_active()
+        except Exception as error:
+            log.warning("cannot tell whether this replica sweeps (%s); not sweeping", error)
+            self.active = False
+            return None
+        if not answer:
+            self._active_since = None
+        elif self._active_since is None:
+            self._active_since = now
+        handover = HANDOVER_SECONDS if self.peered else 0.0
+        self.active = answer and now - (self._active_since or now) >= handover
+        return answer
+
+    def _yield(self, running: list[PolicyEntry]) -> None:
+        """A peer outranks us: stop our sweeps between uploads, so only one replica sweeps;
+        they stay due for when this replica is the active one again."""
+        for entry in running:
+            if not entry.cancel.is_set():
+                log.info("a peer outranks this replica: stopping the sweep of %s/%s", *entry.key)
+                entry.cancel.set()
+                entry.schedule.request_now(time.monotonic())
 
     async def _sweep(self, entry: PolicyEntry) -> None:
         policy = entry.policy
@@ -366,6 +407,7 @@ class Scheduler:
                     entry, policy, request, "InternalError", f"{type(error).__name__}: {error}"
                 )
         finally:
+            entry.schedule.end()
             self._wakeup.set()
 
     async def _sweep_once(self, entry: PolicyEntry, policy: Policy, request: str | None) -> None:
@@ -484,10 +526,9 @@ class Scheduler:
             self._write(entry, checkpoint)
 
     def _reschedule(self, entry: PolicyEntry, after: timedelta) -> datetime:
-        delay = jittered(after)
-        if entry.due is None:  # a sweep-now or spec change may have set an earlier time
-            entry.due = time.monotonic() + delay
-        return datetime.now(UTC) + timedelta(seconds=max(0.0, entry.due - time.monotonic()))
+        now = time.monotonic()
+        due = entry.schedule.finish(now, jittered(after))  # sooner if asked for meanwhile
+        return datetime.now(UTC) + timedelta(seconds=max(0.0, due - now))
 
     # -- reporting ---------------------------------------------------------------------------------
 

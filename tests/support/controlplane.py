@@ -298,18 +298,34 @@ class ControlPlane:
         if not keep_dir:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def restart_apiserver(self, *, grace: float = 3.0) -> float:
+    def restart_apiserver(self, *, grace: float = 3.0, down: float = 0.0) -> float:
         """Stop the API server by PID and start it again on the same port and data.
 
         SIGTERM first; after ``grace`` seconds, SIGKILL. kube-apiserver's graceful shutdown
         waits up to 60s for open watch connections (the controller manager's, an operator's) to
         go away, so a short grace is what keeps this fast; clients see their connections drop
-        either way. Returns the seconds from the new process's start to ``/readyz``.
+        either way. ``down``: seconds it stays stopped. Returns the seconds from the new
+        process's start to ``/readyz``.
         """
         self.processes.pop("kube-apiserver").stop(timeout=grace)
+        time.sleep(down)
         self._start_apiserver()
         self.apiserver_restart_ready_seconds = self._wait_apiserver_ready()
         return self.apiserver_restart_ready_seconds
+
+    def restart_etcd(self, *, grace: float = 10.0, down: float = 0.0) -> float:
+        """Stop etcd by PID and start it again on the same ports and data directory, with the
+        API server left running (it answers errors meanwhile and reconnects by itself).
+
+        ``down``: seconds etcd stays stopped. Returns the seconds from etcd's new start until
+        the API server's ``/readyz`` passes again (its etcd check included).
+        """
+        self.processes.pop("etcd").stop(timeout=grace)
+        time.sleep(down)
+        started = time.monotonic()
+        self._start_etcd()
+        self._wait_apiserver_ready()
+        return time.monotonic() - started
 
     def logs(self, lines: int = 40) -> str:
         """The tail of every component's log (for failure reports)."""

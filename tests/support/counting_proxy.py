@@ -1,7 +1,8 @@
 """A small HTTP proxy in front of a real store that records every request it forwards (method,
-upload id, when it arrived, when it was answered, the status), so a test can count what the
-store really saw, e.g. the aborts that started after a signal. Requests are forwarded byte for
-byte with their Host header, so SigV4 signatures made for the proxy's address stay valid."""
+upload id, when it arrived, when it was answered, the status, the User-Agent), so a test can
+count what the store really saw, e.g. the aborts that started after a signal, and who sent
+them. Requests are forwarded byte for byte with their Host header, so SigV4 signatures made for
+the proxy's address stay valid."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class SeenRequest:
     received: float  # time.monotonic() when its headers arrived
     answered: float | None = None
     status: int | None = None
+    agent: str = ""  # the User-Agent header (botocore adds app/<AWS_SDK_UA_APP_ID>)
 
     @property
     def is_abort(self) -> bool:
@@ -45,6 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
         seen = SeenRequest(self.command, (query.get("uploadId") or [None])[0], time.monotonic())
+        seen.agent = self.headers.get("User-Agent", "")
         self.fake.record(seen)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None

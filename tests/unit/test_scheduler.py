@@ -168,7 +168,7 @@ async def test_suspend_and_sweep_now() -> None:
     assert entry.due is None
     # Resumed; the same request value again is not a new request, a new value is.
     sched.upsert(body("p", S3, generation=3, annotations={SWEEP_NOW_ANNOTATION: "1"}))
-    entry.due = None
+    entry.schedule.start()  # its sweep runs
     sched.upsert(body("p", S3, generation=3, annotations={SWEEP_NOW_ANNOTATION: "1"}))
     assert entry.due is None
     sched.upsert(body("p", S3, generation=3, annotations={SWEEP_NOW_ANNOTATION: "2"}))
