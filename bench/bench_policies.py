@@ -187,9 +187,14 @@ class Api:
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log: Path, extra_args: Sequence[str]) -> None:
+    def __init__(
+        self, kubeconfig: Path, log: Path, extra_args: Sequence[str], profile: str = ""
+    ) -> None:
         self.port = free_port()
-        args = ["mpu-janitor", "operator", "--all-namespaces", "--standalone"]
+        command = ["mpu-janitor"]
+        if profile:  # cProfile of the event loop's thread (Kopf, scheduler, status writes)
+            command = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "mpu_janitor.cli"]
+        args = [*command, "operator", "--all-namespaces", "--standalone"]
         args += ["--metrics-address", "127.0.0.1", "--metrics-port", str(self.port)]
         args += ["--ambient-credentials-namespaces", "", *extra_args]
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
@@ -247,6 +252,7 @@ class Options:
     probe_gap: float = 1.0
     workers: int = 8
     operator_args: tuple[str, ...] = ()
+    profile: str = ""
 
 
 @dataclass
@@ -371,7 +377,9 @@ class Bench:
             f"setup: {len(buckets)} buckets with {self.options.uploads} uploads of 1 KiB each "
             f"({time.monotonic() - started:.0f} s so far)"
         )
-        operator = OperatorProcess(kubeconfig, tmp / "operator.log", self.options.operator_args)
+        operator = OperatorProcess(
+            kubeconfig, tmp / "operator.log", self.options.operator_args, self.options.profile
+        )
         wait_for(operator.healthy, timeout=120, what="operator /healthz")
         time.sleep(2)  # its watch is up
         say(
@@ -592,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--operator-arg", action="append", default=[], help="passed to mpu-janitor operator"
     )
+    parser.add_argument("--profile", default="", help="write the operator's cProfile here")
     args = parser.parse_args(argv)
     options = Options(
         policies=args.policies,
@@ -603,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         probes=args.probes,
         probe_gap=args.probe_gap,
         operator_args=tuple(args.operator_arg),
+        profile=args.profile,
     )
     print(
         f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "

@@ -80,6 +80,7 @@ class PolicyEntry:
     policy: Policy | None = None
     error: PolicyError | None = None
     due: float | None = None  # monotonic time of the next sweep; None: not scheduled
+    urgent: bool = False  # new, changed or asked to sweep: goes before the periodic sweeps
     task: asyncio.Task[None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     handled_sweep_now: str | None = None  # the newest request accepted (done, running or due)
@@ -118,10 +119,16 @@ class SlotLocks(TargetLocks):
     """The target locks of one sweep: while it waits for a target another sweep holds, it
     gives its sweep slot back, so policies on other targets never wait behind it."""
 
-    def __init__(self, shared: TargetLocks, slots: threading.Semaphore) -> None:
+    def __init__(
+        self,
+        shared: TargetLocks,
+        slots: threading.Semaphore,
+        parked: Callable[[int], None] = lambda change: None,
+    ) -> None:
         super().__init__()
         self._guard, self._locks = shared._guard, shared._locks
         self.slots = slots
+        self.parked = parked  # +1 while waiting for a target, -1 after
 
     @contextlib.contextmanager
     def hold(self, key: str, cancel: threading.Event) -> Iterator[None]:
@@ -129,11 +136,13 @@ class SlotLocks(TargetLocks):
             lock = self._locks.setdefault(key, threading.Lock())
         if not lock.acquire(blocking=False):
             self.slots.release()
+            self.parked(1)
             try:
                 while not lock.acquire(timeout=0.2):
                     if cancel.is_set():
                         raise Cancelled()
             finally:
+                self.parked(-1)
                 # The caller gives the slot back when the sweep ends, in any case.
                 self.slots.acquire()
         try:
@@ -166,6 +175,11 @@ class Scheduler:
         self.active = False  # did the last look at the peering say we sweep?
         self.locks = locks or TargetLocks()
         self.slots = threading.Semaphore(max_parallel_sweeps)
+        # Sweeps started at once: those in a slot, as many ready to take one, and those parked
+        # on a busy target. The other due sweeps wait here, holding no thread.
+        self.max_started = 2 * max_parallel_sweeps
+        self._parked = 0  # sweeps waiting for a target another sweep holds
+        self._parked_guard = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="sweeps")
         self.entries: dict[tuple[str, str], PolicyEntry] = {}
         self._wakeup = asyncio.Event()
@@ -205,7 +219,7 @@ class Scheduler:
         if request and request != entry.handled_sweep_now and policy and not policy.suspend:
             log.info("sweep requested for %s/%s by annotation", *key)
             entry.handled_sweep_now = entry.request_for_next = request
-            entry.due = time.monotonic()
+            entry.due, entry.urgent = time.monotonic(), True
         self._wakeup.set()
 
     def remove(self, namespace: str, name: str) -> None:
@@ -245,7 +259,7 @@ class Scheduler:
                 entry, True, SUSPENDED, "sweeps are suspended (spec.suspend): nothing is aborted"
             )
             return
-        entry.due = time.monotonic()
+        entry.due, entry.urgent = time.monotonic(), True
         observed = entry.status.get("observedGeneration")
         if resumed and observed == entry.generation:
             # An operator restart resumes the schedule it published instead of sweeping
@@ -261,6 +275,7 @@ class Scheduler:
             if upcoming is not None:
                 wait = (upcoming - datetime.now(UTC)).total_seconds()
                 entry.due = time.monotonic() + max(0.0, min(wait, jittered(policy.interval)))
+                entry.urgent = False
             return
         self._set_ready(
             entry, None, SWEEPING, f"generation {entry.generation} is about to be swept"
@@ -332,6 +347,11 @@ class Scheduler:
             if e.due is not None and e.due <= now and not e.sweeping
         ]
         standby = False
+        # New, changed and requested sweeps first, then the most overdue.
+        due.sort(key=lambda e: (not e.urgent, e.due))
+        started = sum(e.sweeping for e in self.entries.values()) - self._parked
+        held = due[max(0, self.max_started - started) :]
+        del due[len(due) - len(held) :]
         if due:
             try:
                 self.active = await self.is_active()
@@ -340,15 +360,25 @@ class Scheduler:
                 self.active = False
             if self.active:
                 for entry in due:
-                    entry.due = None
+                    entry.due, entry.urgent = None, False
                     entry.cancel = threading.Event()
                     entry.task = asyncio.create_task(
                         self._sweep(entry), name=f"sweep-{entry.namespace}-{entry.name}"
                     )
             else:
                 standby = True  # another replica sweeps; ask again in a while
+        if held:  # the end of a sweep (or a parked one) wakes the loop
+            return STANDBY_RECHECK_SECONDS if standby else 5.0
         waits = [e.due - now for e in self.entries.values() if e.due is not None]
         return STANDBY_RECHECK_SECONDS if standby else max(0.05, min([5.0, *waits]))
+
+    def _park(self, change: int, loop: asyncio.AbstractEventLoop) -> None:
+        """A sweep starts (+1) or stops (-1) waiting for a busy target: while it waits, another
+        due sweep may start (any thread)."""
+        with self._parked_guard:
+            self._parked += change
+        if change > 0:
+            loop.call_soon_threadsafe(self._wakeup.set)
 
     async def _sweep(self, entry: PolicyEntry) -> None:
         policy = entry.policy
@@ -452,7 +482,9 @@ class Scheduler:
             try:
                 store = _open(policy, credentials, observer)
                 try:
-                    locks = SlotLocks(self.locks, self.slots)
+                    locks = SlotLocks(
+                        self.locks, self.slots, lambda change: self._park(change, loop)
+                    )
                     return run_sweep(policy, store, cancel=cancel, progress=progress, locks=locks)
                 finally:
                     store.close()
