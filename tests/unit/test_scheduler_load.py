@@ -86,16 +86,17 @@ async def test_a_new_policy_goes_before_overdue_ones(monkeypatch: pytest.MonkeyP
     sched.start()
     try:
         await until(lambda: sched.entries[("ns", "blocker")].sweeping)
-        for index in range(6):
+        for index in range(20):
             sched.upsert(resumed(f"old{index}"), initial=True)
         await asyncio.sleep(0.3)
         sched.upsert(body("new", S3))  # applied while the overdue ones wait
         await asyncio.sleep(0.3)
         gate.set()
-        await until(lambda: len(done) == 8)
+        await until(lambda: len(done) == 22)
     finally:
         gate.set()
         await sched.stop()
-    # One overdue sweep was already handed to the pool before "new" arrived; "new" is next.
+    # At most two overdue sweeps were handed out before "new" (the one waiting for the slot
+    # when it arrived, and one started with it as the blocker ended); the others wait for it.
     assert done[0] == "blocker"
-    assert done.index("new") <= 2, done
+    assert done.index("new") <= 3, done
