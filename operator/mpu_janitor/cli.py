@@ -34,6 +34,7 @@ from mpu_janitor.policy import (
     parse_policy,
 )
 from mpu_janitor.progress import Progress
+from mpu_janitor.selector import LabelSelector, SelectorError, parse_selector
 from mpu_janitor.stores import UnusableTarget, open_store
 from mpu_janitor.stores.base import StoreCredentials, StoreError
 from mpu_janitor.sweep import SweepResult, inventory, run_sweep
@@ -423,6 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
         "target's region)",
     )
     operator.add_argument(
+        "--selector",
+        "-l",
+        type=_selector_flag,
+        metavar="SELECTOR",
+        help="serve only the policies whose labels match this label selector (kubectl -l "
+        "syntax, e.g. shard=a): one operator release per shard, each with its own peering",
+    )
+    operator.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
     operator.add_argument(
@@ -446,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.set_defaults(run=None)
     return parser
+
+
+def _selector_flag(text: str) -> LabelSelector:
+    try:
+        return parse_selector(text)
+    except SelectorError as error:
+        raise argparse.ArgumentTypeError(f"the label selector {error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lilt_inventory_dir=args.lilt_inventory_dir,
             log_format=args.log_format,
             kube_context=args.context,
+            selector=args.selector,
         )
     try:
         code: int = args.run(args, sys.stdout, sys.stderr)

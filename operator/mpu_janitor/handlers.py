@@ -30,6 +30,7 @@ from mpu_janitor.metrics import MetricsState, new_registry
 from mpu_janitor.metrics_access import MetricsAuthorizer, ReloadingCertificate
 from mpu_janitor.policy import API_GROUP, API_VERSION, DEFAULT_LILT_INVENTORY_DIR
 from mpu_janitor.scheduler import PROGRESS_SECONDS, Scheduler
+from mpu_janitor.selector import LabelSelector
 from mpu_janitor.tenancy import Tenancy, install_redaction
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class OperatorConfig:
     metrics_tls_cert: str | None = None  # HTTPS for /metrics and /healthz when both are set
     metrics_tls_key: str | None = None
     metrics_auth: str = "none"  # "kubernetes": TokenReview + SubjectAccessReview per scraper
+    selector: LabelSelector | None = None  # this shard's policies (None: every policy)
 
 
 # -- Kubernetes credentials shared by Kopf and our own status client -------------------------
@@ -97,6 +99,7 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 60
     settings.peering.priority = config.priority
+    apply_selector(settings, config)
 
     kube = KubeClient(lambda: logged_in(config.kube_context))
     metrics = MetricsState()
@@ -130,11 +133,20 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
     memo["http"] = await start_http(config, metrics, scheduler, kube)
     scheduler.start()
     log.info(
-        "mpu-janitor started: metrics on %s:%s, identity %s",
+        "mpu-janitor started: metrics on %s:%s, identity %s, policies %s",
         config.metrics_address,
         config.bound_port,
         config.identity,
+        f"matching {config.selector}" if config.selector else "all",
     )
+
+
+def apply_selector(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """A shard watches only its policies: the API server filters the list and the watch (a
+    policy relabelled out of the selector arrives as DELETED), so the operator never holds the
+    other shards' policies. Peerings and namespaces are watched unfiltered."""
+    if config.selector is not None:
+        settings.watching.label_selectors[API_GROUP, PLURAL] = str(config.selector)
 
 
 @kopf.on.cleanup()
@@ -159,9 +171,12 @@ async def on_policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **
     handler_context: list[contextvars.Context] | None = memo.get("handler_context")
     if handler_context is not None and not handler_context:
         handler_context.append(contextvars.copy_context())  # for the scheduler's Events
+    config: OperatorConfig = memo["config"]
     name, namespace = str(body.metadata.name), str(body.metadata.namespace)
-    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
-        # Deleted, or being deleted (another controller's finalizer may hold it): stop now.
+    outside = config.selector is not None and not config.selector.matches(body.metadata.labels)
+    if type == "DELETED" or body.metadata.get("deletionTimestamp") or outside:
+        # Deleted, being deleted (another controller's finalizer may hold it), or relabelled
+        # into another shard: stop now.
         scheduler.remove(namespace, name)
     else:
         scheduler.upsert(dict(body), initial=type is None)
@@ -302,9 +317,11 @@ def run_operator(
     metrics_tls_cert: str | None = None,
     metrics_tls_key: str | None = None,
     metrics_auth: str = "none",
+    selector: LabelSelector | None = None,
 ) -> int:
     configure_logging(verbose=verbose, log_format=log_format)
     config = OperatorConfig(
+        selector=selector,
         metrics_tls_cert=metrics_tls_cert,
         metrics_tls_key=metrics_tls_key,
         metrics_auth=metrics_auth,

@@ -26,6 +26,7 @@ class State(enum.Enum):
 class Schedule:
     state: State = State.PARKED
     at: float | None = None
+    urgent: bool = False  # asked for (new, changed, requested): before the periodic sweeps
 
     @property
     def due(self) -> float | None:
@@ -37,11 +38,13 @@ class Schedule:
 
     def park(self) -> None:
         """Invalid or suspended: no sweep until the spec changes (a running one is stopped)."""
-        self.state, self.at = State.PARKED, None
+        self.state, self.at, self.urgent = State.PARKED, None, False
 
     def request_now(self, now: float) -> None:
         """Sweep as soon as possible: a sweep-now request, a new spec, this replica's turn
-        ending mid-sweep. While a sweep runs, the next one follows it."""
+        ending mid-sweep. While a sweep runs, the next one follows it. It goes before the
+        periodic sweeps due."""
+        self.urgent = True
         if self.state is State.RUNNING:
             self.at = now if self.at is None else min(self.at, now)
         else:
@@ -49,11 +52,11 @@ class Schedule:
 
     def resume(self, now: float, wait: float) -> None:
         """After an operator restart: the schedule it published, ``wait`` seconds from now."""
-        self.state, self.at = State.WAITING, now + max(0.0, wait)
+        self.state, self.at, self.urgent = State.WAITING, now + max(0.0, wait), False
 
     def start(self) -> None:
         """A sweep starts: nothing is due until it ends, unless asked for meanwhile."""
-        self.state, self.at = State.RUNNING, None
+        self.state, self.at, self.urgent = State.RUNNING, None, False
 
     def finish(self, now: float, delay: float) -> float:
         """A sweep ended (done or failed) for the spec it ran with: the next one after
@@ -61,7 +64,7 @@ class Schedule:
         if self.state is State.PARKED:
             return now + delay  # parked meanwhile: stays parked; the time is only nominal
         if self.at is None:
-            self.at = now + delay
+            self.at, self.urgent = now + delay, False  # the periodic sweep
         self.state = State.WAITING
         return self.at
 

@@ -128,10 +128,16 @@ class SlotLocks(TargetLocks):
     """The target locks of one sweep: while it waits for a target another sweep holds, it
     gives its sweep slot back, so policies on other targets never wait behind it."""
 
-    def __init__(self, shared: TargetLocks, slots: threading.Semaphore) -> None:
+    def __init__(
+        self,
+        shared: TargetLocks,
+        slots: threading.Semaphore,
+        parked: Callable[[int], None] = lambda change: None,
+    ) -> None:
         super().__init__()
         self._guard, self._locks = shared._guard, shared._locks
         self.slots = slots
+        self.parked = parked  # +1 while waiting for a target, -1 after
 
     @contextlib.contextmanager
     def hold(self, key: str, cancel: threading.Event) -> Iterator[None]:
@@ -139,11 +145,13 @@ class SlotLocks(TargetLocks):
             lock = self._locks.setdefault(key, threading.Lock())
         if not lock.acquire(blocking=False):
             self.slots.release()
+            self.parked(1)
             try:
                 while not lock.acquire(timeout=0.2):
                     if cancel.is_set():
                         raise Cancelled()
             finally:
+                self.parked(-1)
                 # The caller gives the slot back when the sweep ends, in any case.
                 self.slots.acquire()
         try:
@@ -182,6 +190,11 @@ class Scheduler:
         self._looked = 0.0
         self.locks = locks or TargetLocks()
         self.slots = threading.Semaphore(max_parallel_sweeps)
+        # Sweeps started at once: those in a slot, as many ready to take one, and those parked
+        # on a busy target. The other due sweeps wait here, holding no thread.
+        self.max_started = 2 * max_parallel_sweeps
+        self._parked = 0  # sweeps waiting for a target another sweep holds
+        self._parked_guard = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="sweeps")
         self.entries: dict[tuple[str, str], PolicyEntry] = {}
         self._wakeup = asyncio.Event()
@@ -346,6 +359,12 @@ class Scheduler:
         due = [e for e in self.entries.values() if e.schedule.is_due(now) and not e.sweeping]
         running = [e for e in self.entries.values() if e.sweeping]
         standby = False
+        # New, changed and requested sweeps first, then the most overdue; at most max_started
+        # at once (the others wait here, holding no thread).
+        due.sort(key=lambda e: (not e.schedule.urgent, e.schedule.at or 0.0))
+        started = len(running) - self._parked
+        held = due[max(0, self.max_started - started) :]
+        del due[len(due) - len(held) :]
         if due or (running and now - self._looked >= STANDBY_RECHECK_SECONDS):
             if await self._look() is False:
                 self._yield(running)
@@ -358,6 +377,8 @@ class Scheduler:
                     )
             elif due:
                 standby = True  # another replica sweeps; ask again in a while
+        if held:  # the end of a sweep (or a parked one) wakes the loop
+            return STANDBY_RECHECK_SECONDS
         waits = [e.due - now for e in self.entries.values() if e.due is not None and not e.sweeping]
         # At least one look a recheck while sweeping: a peer that outranks us stops our sweeps.
         return (
@@ -393,6 +414,14 @@ class Scheduler:
                 log.info("a peer outranks this replica: stopping the sweep of %s/%s", *entry.key)
                 entry.cancel.set()
                 entry.schedule.request_now(time.monotonic())
+
+    def _park(self, change: int, loop: asyncio.AbstractEventLoop) -> None:
+        """A sweep starts (+1) or stops (-1) waiting for a busy target: while it waits, another
+        due sweep may start (any thread)."""
+        with self._parked_guard:
+            self._parked += change
+        if change > 0:
+            loop.call_soon_threadsafe(self._wakeup.set)
 
     async def _sweep(self, entry: PolicyEntry) -> None:
         policy = entry.policy
@@ -512,7 +541,9 @@ class Scheduler:
                     _open(policy, credentials, observer), policy.namespace, cancel
                 )
                 try:
-                    locks = SlotLocks(self.locks, self.slots)
+                    locks = SlotLocks(
+                        self.locks, self.slots, lambda change: self._park(change, loop)
+                    )
                     return run_sweep(policy, store, cancel=cancel, progress=progress, locks=locks)
                 finally:
                     store.close()

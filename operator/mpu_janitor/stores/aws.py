@@ -17,6 +17,7 @@ import boto3
 import botocore.config
 import botocore.credentials
 import botocore.exceptions
+import botocore.loaders
 import botocore.session
 import botocore.utils
 
@@ -64,6 +65,9 @@ def client_config(
     )
 
 
+_LOADER = botocore.loaders.create_loader()
+
+
 def make_client(
     service: str,
     *,
@@ -85,6 +89,9 @@ def make_client(
             aws_session_token=credentials.session_token,
         )
     session = boto3.session.Session(**session_kwargs)
+    # One loader for the process: its cache keeps the parsed service models, which a fresh
+    # session would read and parse again (80 ms of CPU and ~12 MB for each store opened).
+    session._session.register_component("data_loader", _LOADER)
     # Timestamps without a zone are UTC (botocore would read them in the operator's local
     # zone: at UTC+9 every upload would look 9 hours older than it is).
     session._session.get_component("response_parser_factory").set_parser_defaults(

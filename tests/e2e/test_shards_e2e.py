@@ -1,0 +1,198 @@
+"""Two operator shards (``--selector``) against a real kube-apiserver and a real MinIO: each
+serves exactly the policies its selector matches, with its own peering object; a policy in
+neither shard is never touched, and a policy relabelled from one shard to the other moves
+over (swept by the new shard, forgotten by the old)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_operator_e2e import (
+    AGE,
+    REPO,
+    Operator,
+    add_secret,
+    apply,
+    events,
+    policy,
+    status,
+)
+from tests.integration.helpers import make_upload, open_uploads
+from tests.support.controlplane import ControlPlane, free_port, wait_for
+from tests.support.minio import MinioServer
+
+
+@contextmanager
+def shard(kubeconfig: Path, tmp: Path, selector: str, peering: str) -> Iterator[Operator]:
+    """``mpu-janitor operator --all-namespaces --selector ... --peering ...``."""
+    port = free_port()
+    log = tmp / f"operator-{peering}.log"
+    args = ["mpu-janitor", "operator", "--all-namespaces", "--selector", selector]
+    args += ["--peering", peering, "--metrics-address", "127.0.0.1", "--metrics-port", str(port)]
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    operator = Operator(process, port, log)
+    try:
+        wait_for(
+            lambda: operator.healthy() or process.poll() is not None,
+            timeout=60,
+            what=f"shard {selector} /healthz",
+        )
+        assert process.poll() is None, operator.output()
+        yield operator
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    assert process.returncode in (0, -15), operator.output()[-3000:]
+
+
+def identity(operator: Operator) -> str:
+    found = re.search(r"identity (\S+), policies matching", operator.output())
+    assert found, operator.output()[-2000:]
+    return found.group(1)
+
+
+def served(operator: Operator) -> set[str]:
+    """The policies an operator publishes series for (namespace/name)."""
+    pattern = r'mpu_janitor_policy_interval_seconds\{namespace="([^"]+)",policy="([^"]+)"'
+    return {f"{ns}/{name}" for ns, name in re.findall(pattern, operator.metrics())}
+
+
+def sweepers(plane: ControlPlane, namespace: str, name: str) -> list[str]:
+    """The reporting instance of every sweep Event of a policy, oldest first."""
+    found = [
+        e
+        for e in events(plane, namespace, name)
+        if e["reason"] in ("SweepSucceeded", "SweepFailed", "SweepPartiallyFailed")
+    ]
+    found.sort(key=lambda e: e["metadata"]["creationTimestamp"])
+    return [str(e["reportingInstance"]) for e in found]
+
+
+@pytest.fixture()
+def peerings(control_plane: ControlPlane) -> Iterator[tuple[str, str]]:
+    control_plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/uploadlifecyclepolicies.mpu-janitor.dev",
+        "crd/clusterkopfpeerings.kopf.dev",
+    )
+    suffix = secrets.token_hex(3)
+    names = (f"janitor-a-{suffix}", f"janitor-b-{suffix}")
+    for name in names:
+        apply(
+            control_plane,
+            {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}},
+        )
+    yield names
+    for name in names:
+        control_plane.kubectl("delete", "clusterkopfpeering", name, "--ignore-not-found")
+
+
+def test_two_shards_split_the_policies_and_a_relabelled_policy_moves(
+    control_plane: ControlPlane,
+    make_namespace: Any,
+    peerings: tuple[str, str],
+    minio: MinioServer,
+    s3: Any,
+    tmp_path: Path,
+) -> None:
+    plane = control_plane
+    label = f"shard-{secrets.token_hex(2)}"  # no other test's policy carries it
+    namespaces = [make_namespace("shard"), make_namespace("shard")]
+    policies = {  # namespace/name -> shard label value (None: no label, no shard)
+        f"{namespaces[0]}/a1": "a",
+        f"{namespaces[1]}/a2": "a",
+        f"{namespaces[0]}/b1": "b",
+        f"{namespaces[1]}/b2": "b",
+        f"{namespaces[0]}/nobody": None,
+        f"{namespaces[1]}/other": "c",
+    }
+    buckets = {}
+    for namespace in namespaces:
+        add_secret(plane, namespace, minio)
+    for number, key in enumerate(policies):
+        buckets[key] = f"shard-{secrets.token_hex(4)}-{number}"
+        s3.create_bucket(Bucket=buckets[key])
+        make_upload(s3, buckets[key], "tmp/x.bin", [100 + number])
+    time.sleep(AGE)
+
+    with (
+        shard(plane.kubeconfig, tmp_path, f"{label}=a", peerings[0]) as shard_a,
+        shard(plane.kubeconfig, tmp_path, f"{label} in (b)", peerings[1]) as shard_b,
+    ):
+        owner = {"a": identity(shard_a), "b": identity(shard_b)}
+        for key, value in policies.items():
+            namespace, name = key.split("/")
+            document = policy(name, namespace, minio.endpoint, buckets[key])
+            if value is not None:
+                document["metadata"]["labels"] = {label: value}
+            apply(plane, document)
+
+        mine = {k for k, v in policies.items() if v in ("a", "b")}
+        wait_for(
+            lambda: all(not open_uploads(s3, buckets[k]) for k in mine),
+            timeout=90,
+            what="the sharded policies swept",
+        )
+        for key in mine:
+            namespace, name = key.split("/")
+            wait_for(lambda n=namespace, p=name: sweepers(plane, n, p), timeout=30, what=key)
+            # Swept once, by its own shard only.
+            assert sweepers(plane, namespace, name) == [owner[policies[key]]], key
+            assert status(plane, namespace, name)["lastSweep"]["aborted"] == 1
+        assert served(shard_a) == {k for k, v in policies.items() if v == "a"}
+        assert served(shard_b) == {k for k, v in policies.items() if v == "b"}
+        for key in set(policies) - mine:  # in no shard: never listed, never written
+            namespace, name = key.split("/")
+            assert len(open_uploads(s3, buckets[key])) == 1
+            assert status(plane, namespace, name) == {}
+            assert sweepers(plane, namespace, name) == []
+
+        # Relabel a2 into shard b: b sweeps it (its first look at it), a forgets it.
+        moved = f"{namespaces[1]}/a2"
+        make_upload(s3, buckets[moved], "tmp/y.bin", [7])
+        time.sleep(AGE)
+        plane.kubectl("label", "ulp", "a2", "-n", namespaces[1], f"{label}=b", "--overwrite")
+        wait_for(
+            lambda: moved in served(shard_b) and moved not in served(shard_a),
+            timeout=30,
+            what="a2 moved from shard a to shard b",
+        )
+        wait_for(lambda: not open_uploads(s3, buckets[moved]), timeout=60, what="a2 swept by b")
+        wait_for(
+            lambda: len(sweepers(plane, namespaces[1], "a2")) == 2, timeout=30, what="a2 event"
+        )
+        assert sweepers(plane, namespaces[1], "a2") == [owner["a"], owner["b"]]
+        assert status(plane, namespaces[1], "a2")["totals"]["abortedUploads"] == 2
+
+        # The old shard no longer acts on it: a sweep request reaches only shard b.
+        make_upload(s3, buckets[moved], "tmp/z.bin", [9])
+        time.sleep(AGE)
+        plane.kubectl("annotate", "ulp", "a2", "-n", namespaces[1], "mpu-janitor.dev/sweep-now=1")
+        wait_for(lambda: not open_uploads(s3, buckets[moved]), timeout=60, what="sweep-now")
+        wait_for(
+            lambda: len(sweepers(plane, namespaces[1], "a2")) == 3, timeout=30, what="3rd event"
+        )
+        assert sweepers(plane, namespaces[1], "a2") == [owner["a"], owner["b"], owner["b"]]
+        assert served(shard_a) == {f"{namespaces[0]}/a1"}
+        assert 'policy="a2"' not in shard_a.metrics()
