@@ -17,6 +17,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -362,9 +363,10 @@ class Scheduler:
         # New, changed and requested sweeps first, then the most overdue; at most max_started
         # at once (the others wait here, holding no thread).
         due.sort(key=lambda e: (not e.schedule.urgent, e.schedule.at or 0.0))
+        due, capped = self._within_namespace_caps(due, running)
         started = len(running) - self._parked
-        held = due[max(0, self.max_started - started) :]
-        del due[len(due) - len(held) :]
+        held = due[max(0, self.max_started - started) :] + capped
+        del due[len(due) - len(held) + len(capped) :]
         if due or (running and now - self._looked >= STANDBY_RECHECK_SECONDS):
             if await self._look() is False:
                 self._yield(running)
@@ -414,6 +416,25 @@ class Scheduler:
                 log.info("a peer outranks this replica: stopping the sweep of %s/%s", *entry.key)
                 entry.cancel.set()
                 entry.schedule.request_now(time.monotonic())
+
+    def _within_namespace_caps(
+        self, due: list[PolicyEntry], running: list[PolicyEntry]
+    ) -> tuple[list[PolicyEntry], list[PolicyEntry]]:
+        """``due`` split into the sweeps their namespace's cap lets start now, and those that
+        wait here for one of their namespace's sweeps to end (holding no thread or slot, so
+        another namespace's policy is not queued behind them)."""
+        cap = self.fairness.limits.namespace_max_concurrent_sweeps
+        if cap <= 0:
+            return due, []
+        busy = Counter(entry.namespace for entry in running)
+        now_due, capped = [], []
+        for entry in due:
+            if busy[entry.namespace] < cap:
+                busy[entry.namespace] += 1
+                now_due.append(entry)
+            else:
+                capped.append(entry)
+        return now_due, capped
 
     def _park(self, change: int, loop: asyncio.AbstractEventLoop) -> None:
         """A sweep starts (+1) or stops (-1) waiting for a busy target: while it waits, another

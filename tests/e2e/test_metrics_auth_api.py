@@ -7,15 +7,17 @@ A ServiceAccount bound through ``metrics.auth.readers`` gets 200, one without th
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
-import kopf
 import pytest
+from kubernetes_asyncio.client import Configuration
 
 from mpu_janitor.handlers import OperatorConfig, start_http
 from mpu_janitor.kube import KubeClient
+from mpu_janitor.login import Login
 from mpu_janitor.metrics import MetricsState
 from tests.e2e.test_helm_install import chart  # noqa: F401
 from tests.e2e.test_tenancy_rbac_api import Row, documented, granted
@@ -39,8 +41,15 @@ def token(plane: ControlPlane, namespace: str, account: str) -> str:
 
 
 def client_as(plane: ControlPlane, bearer: str) -> KubeClient:
-    async def login() -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=plane.server, ca_path=plane.ca_file, token=bearer)
+    @asynccontextmanager
+    async def login() -> AsyncIterator[Login]:
+        yield Login(
+            Configuration(
+                host=plane.server,
+                api_key={"BearerToken": f"Bearer {bearer}"},
+                ssl_ca_cert=str(plane.ca_file),
+            )
+        )
 
     return KubeClient(login)
 

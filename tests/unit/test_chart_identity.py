@@ -16,7 +16,7 @@ def token_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_tokens_for_any_service_account_by_default(tmp_path: Path) -> None:
-    role = only(render(tmp_path), "ClusterRole")
+    role = only(render(tmp_path), "ClusterRole", FULLNAME)
     assert token_rules(role["rules"]) == [
         {"apiGroups": [""], "resources": TOKEN_RESOURCE, "verbs": ["create"]}
     ]
@@ -25,7 +25,7 @@ def test_tokens_for_any_service_account_by_default(tmp_path: Path) -> None:
 
 def test_listed_service_accounts_only(tmp_path: Path) -> None:
     values = {"credentials": {"workloadIdentityServiceAccounts": ["uploads-janitor", "j2"]}}
-    role = only(render(tmp_path, values), "ClusterRole")
+    role = only(render(tmp_path, values), "ClusterRole", FULLNAME)
     assert token_rules(role["rules"]) == [
         {
             "apiGroups": [""],
@@ -41,7 +41,7 @@ def test_listed_service_accounts_only(tmp_path: Path) -> None:
 
 def test_no_token_permission_when_workload_identity_is_off(tmp_path: Path) -> None:
     values: dict[str, Any] = {"credentials": {"workloadIdentityServiceAccounts": []}}
-    assert token_rules(only(render(tmp_path, values), "ClusterRole")["rules"]) == []
+    assert token_rules(only(render(tmp_path, values), "ClusterRole", FULLNAME)["rules"]) == []
     values["watchNamespaces"] = ["media"]
     assert token_rules(only(render(tmp_path, values), "Role", FULLNAME)["rules"]) == []
 
