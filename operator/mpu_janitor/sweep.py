@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from mpu_janitor.pacing import Cancelled, Pacer
+from mpu_janitor.pacing import Cancelled, ConcurrencyLimit, Pacer
 from mpu_janitor.policy import MatchSpec, Policy
 from mpu_janitor.stores.base import (
     AbortRefused,
@@ -317,6 +317,9 @@ class _Sweep:
         self.store = store
         self.cancel = cancel
         self.pacer = Pacer(policy.limits.requests_per_second, cancel=cancel)
+        # limits.concurrency is the cap: the sweep starts lower and adapts to the store's answers.
+        self.concurrency = ConcurrencyLimit(policy.limits.concurrency)
+        self.pacer.concurrency = self.concurrency
         self.lock = threading.Lock()
         self.abort_budget = policy.limits.max_aborts_per_sweep
         self.recent = RecentUploads(max(4096, 4 * policy.limits.concurrency))
@@ -363,12 +366,22 @@ class _Sweep:
     # -- every store request of the sweep --------------------------------------------------------
 
     def pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
-        """The engine's ``Pace``: every page of every listing, and every abort, goes out here."""
+        """The engine's ``Pace`` for one upload's requests (parts listing, abort); their answer
+        times steer the adaptive concurrency."""
         return self.pacer.send(request, finish=finish)
 
     def finishing_pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
         """The ``Pace`` of a verifying parts listing: every page goes out even during a stop."""
         return self.pacer.send(request, finish=True)
+
+    def listing_pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
+        """The ``Pace`` of a container's listing: its pages' size, not the store's load, sets
+        their answer time, so they do not steer the concurrency."""
+        return self.pacer.send(request, finish=finish, timed=False)
+
+    def verifying_listing_pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
+        """The ``Pace`` of a listing that verifies aborts already sent: goes out during a stop."""
+        return self.pacer.send(request, finish=True, timed=False)
 
     # -- one upload ------------------------------------------------------------------------------
 
@@ -377,7 +390,11 @@ class _Sweep:
         try:
             if self.cancel.is_set():
                 raise Cancelled()  # queued when the stop order came: dropped untouched
-            self._process(upload, age, position)
+            self.concurrency.acquire(self.cancel)
+            try:
+                self._process(upload, age, position)
+            finally:
+                self.concurrency.release()
         except Cancelled:
             with self.lock:
                 self.result.cancelled = True
@@ -555,7 +572,9 @@ class _Sweep:
         ids = {item.upload.upload_id for item in batch}
         try:
             gone = self.bulk.proven_gone(
-                container, [(item.upload, item.position) for item in batch], self.finishing_pace
+                container,
+                [(item.upload, item.position) for item in batch],
+                self.verifying_listing_pace,
             )
         except Exception as error:  # proves nothing: every upload is verified on its own
             log.info(
@@ -573,6 +592,7 @@ class _Sweep:
         the abort again, as for every upload on stores that cannot prove it by listing."""
         upload = item.upload
         fate = Fate.KEPT
+        self.concurrency.acquire()
         try:
             fate = self._abort_and_verify(upload, item.size, item.age, aborted_once=True)
         except Cancelled:
@@ -588,6 +608,7 @@ class _Sweep:
                 stats.failed += 1
             self.issue("InternalError", f"{type(error).__name__}: {error}", upload.container)
         finally:
+            self.concurrency.release()
             if fate is Fate.KEPT:
                 self._still_there(upload.container, item.age)
 
@@ -650,7 +671,7 @@ class _Sweep:
             self.listed = 0
             self.unverified = []
         self._submit = submit
-        pages = self.store.list_uploads(container, self.policy.match.prefixes, self.pace)
+        pages = self.store.list_uploads(container, self.policy.match.prefixes, self.listing_pace)
         try:
             for page in pages:
                 for upload in page.uploads:
