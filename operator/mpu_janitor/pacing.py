@@ -49,16 +49,20 @@ class ConcurrencyLimit:
     windows). While the recent latency (a moving average) stays within ``LATENCY_TOLERANCE``
     times the floor, the limit grows: by one per answer at first (doubling every round trip,
     "slow start"), and by one per ``limit`` answers (one per round trip) once it has backed off.
-    When the recent latency rises past that, or the store throttles, the limit shrinks (by
-    ``DECREASE_FACTOR``, or ``THROTTLE_FACTOR``), at most once per ``limit`` answers, so one
-    slow round trip counts once. No wall clock is read here: the caller reports each answer's
-    latency (``observed``) and each throttling (``throttled``)."""
+    When the recent latency rises past that, the limit shrinks by ``DECREASE_FACTOR``, but not
+    below the start: latency is a noisy signal (a loaded client's own CPU delays its answers,
+    and at a sub-millisecond round trip that is all it measures), so it only takes back what it
+    gave. When the store throttles, the limit halves (``THROTTLE_FACTOR``), down to one. Either
+    at most once per ``limit`` answers, so one slow round trip counts once. No wall clock is
+    read here: the caller reports each answer's latency (``observed``) and each throttling
+    (``throttled``)."""
 
     def __init__(self, cap: int, start: int = START_CONCURRENCY) -> None:
         if cap < 1:
             raise ValueError("cap must be at least 1")
         self.cap = cap
-        self.limit = float(min(cap, max(1, start)))
+        self.start = min(cap, max(1, start))
+        self.limit = float(self.start)
         self.slow_start = True
         self.recent: float | None = None
         self._window_min: float | None = None
@@ -119,30 +123,34 @@ class ConcurrencyLimit:
                 else SMOOTHING * latency + (1 - SMOOTHING) * self.recent
             )
             self._since_decrease += 1
+            before = self.current
             floor = self.floor
             assert floor is not None
             rising = self.recent > floor * LATENCY_TOLERANCE + LATENCY_SLACK_SECONDS
             if rising:
-                self._decrease(DECREASE_FACTOR)
+                self._decrease(DECREASE_FACTOR, self.start)
             elif self.slow_start:
                 self.limit = min(float(self.cap), self.limit + 1.0)
             else:
                 self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
             self.peak = max(self.peak, self.current)
-            self._cond.notify_all()
+            if self.current > before:
+                self._cond.notify(self.current - before)  # the new slots' waiters, no more
 
     def throttled(self) -> None:
         """The store asked us to slow down."""
         with self._cond:
-            self._decrease(THROTTLE_FACTOR)
+            self._decrease(THROTTLE_FACTOR, 1)
 
-    def _decrease(self, factor: float) -> None:
+    def _decrease(self, factor: float, lowest: int) -> None:
         self.slow_start = False
         if self._since_decrease < self.current:
             return  # once per round trip of answers
-        self.limit = max(1.0, self.limit * factor)
-        self._since_decrease = 0
-        self.decreases += 1
+        lower = max(float(lowest), self.limit * factor)
+        if lower < self.limit:  # already at its lowest: nothing to count
+            self.limit = lower
+            self._since_decrease = 0
+            self.decreases += 1
 
 
 class Pacer:

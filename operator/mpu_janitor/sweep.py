@@ -42,9 +42,9 @@ T = TypeVar("T")
 
 ABORT_ATTEMPTS = 3  # abort + verify rounds before an upload counts as failed
 # Aborts proven gone by one listing (stores that are BulkVerifiers): a batch is verified once it
-# holds this many, or a sixteenth of the uploads listed so far if more, up to the maximum.
+# holds this many, or more as the container and the verifying listings grow (batch_size).
 BULK_VERIFY_MIN_BATCH = 64
-BULK_VERIFY_MAX_BATCH = 2048
+BULK_VERIFY_MAX_BATCH = 8192  # about 2.5 MB of pending aborts at most
 VERIFY_BACKOFF_SECONDS = 0.5  # doubled each round: the stores say an abort may need repeating
 MAX_ISSUES = 20  # status stays small: keep the first few messages, count the rest
 # Issues that report the safety rules at work, not a failure: they leave the sweep Ready.
@@ -328,6 +328,7 @@ class _Sweep:
         self.bulk: BulkVerifier | None = verifier  # type: ignore[assignment]
         self.unverified: list[_Unverified] = []  # this container's, under the lock
         self.listed = 0  # uploads submitted in this container
+        self.last_listing = 0  # uploads the last verifying listing held
         self._submit: Callable[[Callable[[], None]], None] = lambda task: task()
         self.result = SweepResult(
             namespace=policy.namespace,
@@ -543,9 +544,12 @@ class _Sweep:
     # -- aborts proven gone in batches, by one listing each ----------------------------------------
 
     def batch_size(self) -> int:
-        """A batch grows with the container (a listing may cost as much as the bucket is large:
-        MinIO answers every upload at once), bounded so memory stays flat."""
-        return min(BULK_VERIFY_MAX_BATCH, max(BULK_VERIFY_MIN_BATCH, self.listed // 16))
+        """A batch grows with the container and with what the last verifying listing cost (a
+        listing may hold the whole bucket: MinIO answers every upload at once, so a batch of a
+        quarter of it keeps the uploads listed to verify within about four times the bucket),
+        bounded so memory stays flat."""
+        wanted = max(self.listed // 16, self.last_listing // 4)
+        return min(BULK_VERIFY_MAX_BATCH, max(BULK_VERIFY_MIN_BATCH, wanted))
 
     def _await_listing(self, item: _Unverified) -> None:
         """Queue an aborted upload for its batch's listing; the worker that fills the batch
@@ -570,17 +574,20 @@ class _Sweep:
         assert self.bulk is not None
         container = batch[0].upload.container
         ids = {item.upload.upload_id for item in batch}
+        gone: frozenset[str] = frozenset()
         try:
-            gone = self.bulk.proven_gone(
+            proof = self.bulk.proven_gone(
                 container,
                 [(item.upload, item.position) for item in batch],
                 self.verifying_listing_pace,
             )
+            gone = proof.gone
+            with self.lock:
+                self.last_listing = proof.listed
         except Exception as error:  # proves nothing: every upload is verified on its own
             log.info(
                 "verifying listing of %d aborts in %s failed (%s)", len(batch), container, error
             )
-            gone = set()
         for item in batch:
             if item.upload.upload_id in gone and item.upload.upload_id in ids:
                 self._freed(item.upload, item.size)
@@ -669,6 +676,7 @@ class _Sweep:
         with self.lock:
             self.stats(container)
             self.listed = 0
+            self.last_listing = 0
             self.unverified = []
         self._submit = submit
         pages = self.store.list_uploads(container, self.policy.match.prefixes, self.listing_pace)

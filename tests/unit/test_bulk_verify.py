@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from mpu_janitor.stores.base import Pace, StoreUnreachable, Throttled, Upload, unpaced
+from mpu_janitor.stores.base import (
+    ListingProof,
+    Pace,
+    StoreUnreachable,
+    Throttled,
+    Upload,
+    unpaced,
+)
 from mpu_janitor.sweep import BULK_VERIFY_MIN_BATCH, run_sweep
 from tests.support.fake_store import FakeStore
 from tests.unit.test_sweep_engine import policy
@@ -30,7 +37,7 @@ class ListingStore(FakeStore):
 
     def proven_gone(
         self, container: str, uploads: Sequence[tuple[Upload, object]], pace: Pace = unpaced
-    ) -> set[str]:
+    ) -> ListingProof:
         def listing() -> set[str]:
             with self.lock:
                 self.listings += 1
@@ -46,8 +53,9 @@ class ListingStore(FakeStore):
         if self.batches is not None:
             self.batches.append(len(uploads))
         if not self.vouches:
-            return set()
-        return {upload.upload_id for upload, _ in uploads if upload.upload_id not in listed}
+            return ListingProof(frozenset(), len(listed))
+        gone = {upload.upload_id for upload, _ in uploads if upload.upload_id not in listed}
+        return ListingProof(frozenset(gone), len(listed))
 
     def list_uploads(self, container: str, prefixes: Sequence[str], pace: Pace = unpaced) -> Any:
         for page in super().list_uploads(container, prefixes, pace):
@@ -173,8 +181,9 @@ def test_a_dry_run_sends_no_verifying_listing() -> None:
 def test_uploads_outside_the_batch_are_never_counted_from_a_listing() -> None:
     # A store that claims more than it was asked about: only the batch's ids count.
     class Boastful(ListingStore):
-        def proven_gone(self, container: str, uploads: Any, pace: Pace = unpaced) -> set[str]:
-            return super().proven_gone(container, uploads, pace) | {"id-999", "young"}
+        def proven_gone(self, container: str, uploads: Any, pace: Pace = unpaced) -> ListingProof:
+            proof = super().proven_gone(container, uploads, pace)
+            return ListingProof(proof.gone | {"id-999", "id-1"}, proof.listed)
 
     store = Boastful()
     store.add("old", age=48 * H, parts=[5])

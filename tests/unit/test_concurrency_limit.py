@@ -54,6 +54,19 @@ def test_rising_latency_backs_off_once_per_round_trip() -> None:
     assert not limit.slow_start
 
 
+def test_rising_latency_never_takes_it_below_the_start_but_throttling_does() -> None:
+    limit = ConcurrencyLimit(64)
+    answers(limit, RTT, 100)
+    answers(limit, 10 * RTT, 250)  # within the floor's two windows: still "slower than unloaded"
+    assert limit.floor == RTT
+    assert limit.current == START_CONCURRENCY  # what latency gave, latency takes back
+    limit.throttled()
+    assert limit.current == START_CONCURRENCY // 2
+    limit = ConcurrencyLimit(4)
+    answers(limit, 10 * RTT, 100)
+    assert limit.current == 4
+
+
 def test_after_backing_off_it_grows_by_one_per_round_trip() -> None:
     limit = ConcurrencyLimit(64)
     answers(limit, RTT, 20)

@@ -53,7 +53,7 @@ def test_a_consistent_listing_relists_from_the_batch_s_own_page_until_past_its_k
         KeyMarker="b",
         UploadIdMarker="u2",
     )
-    assert store.proven_gone("bkt", batch) == {"u3"}
+    assert store.proven_gone("bkt", batch).gone == {"u3"}
     stub.assert_no_pending_responses()
 
 
@@ -65,7 +65,7 @@ def test_a_consistent_listing_follows_pages_until_it_has_covered_every_key(
     batch = listed_with_positions(store)
     expect_list(stub, page(upload("b", "u2"), IsTruncated=True))
     expect_list(stub, page(upload("y", "u8")), KeyMarker="b", UploadIdMarker="u2")
-    assert store.proven_gone("bkt", batch) == {"u1", "u9"}
+    assert store.proven_gone("bkt", batch).gone == {"u1", "u9"}
     stub.assert_no_pending_responses()
 
 
@@ -76,7 +76,7 @@ def test_profiles_whose_listing_proves_nothing_send_no_request(
         store, stub = stubbed(profile)
         expect_list(stub, page(upload("a", "u1")))
         batch = listed_with_positions(store)
-        assert store.proven_gone("bkt", batch) == set(), profile
+        assert store.proven_gone("bkt", batch).gone == set(), profile
         stub.assert_no_pending_responses()
 
 
@@ -85,14 +85,14 @@ def test_aws_directory_buckets_are_never_vouched_for(
 ) -> None:
     store, _ = stubbed("AWS")
     gone = Upload("b--use1-az4--x-s3", "a", "u1", BEFORE)
-    assert store.proven_gone("b--use1-az4--x-s3", [(gone, object())]) == set()
+    assert store.proven_gone("b--use1-az4--x-s3", [(gone, object())]).gone == set()
 
 
 def test_an_upload_without_a_position_of_the_store_s_is_never_vouched_for(
     stubbed: Callable[[str], tuple[S3Store, Stubber]],
 ) -> None:
     store, _ = stubbed("AWS")
-    assert store.proven_gone("bkt", [(Upload("bkt", "a", "u1", BEFORE), "elsewhere")]) == set()
+    assert store.proven_gone("bkt", [(Upload("bkt", "a", "u1", BEFORE), "elsewhere")]).gone == set()
 
 
 def test_minio_vouches_only_for_the_same_node_with_its_table_intact(
@@ -103,18 +103,18 @@ def test_minio_vouches_only_for_the_same_node_with_its_table_intact(
     batch = [(u, p) for u, p in listed_with_positions(store) if u.key in ("a", "b")]
     # The same node, and "w" (begun before the first listing) is still in its table.
     expect_list(stub, node_page("node-a", upload("b", "u2"), upload("w", "u3")))
-    assert store.proven_gone("bkt", batch) == {"u1"}
+    assert store.proven_gone("bkt", batch).gone == {"u1"}
     # Another node's table never held them: its silence proves nothing.
     expect_list(stub, node_page("node-b", upload("w", "u3")))
-    assert store.proven_gone("bkt", batch) == set()
+    assert store.proven_gone("bkt", batch).gone == set()
     # An answer without the node header proves nothing either.
     expect_list(stub, node_page(None, upload("w", "u3")))
-    assert store.proven_gone("bkt", batch) == set()
+    assert store.proven_gone("bkt", batch).gone == set()
     # An empty table (a restart empties it) proves nothing.
     expect_list(stub, node_page("node-a"))
-    assert store.proven_gone("bkt", batch) == set()
+    assert store.proven_gone("bkt", batch).gone == set()
     # Nor does a table holding only uploads begun after the first listing (restarted since).
     late = {"Key": "n", "UploadId": "u7", "Initiated": datetime(2026, 1, 2, tzinfo=UTC)}
     expect_list(stub, node_page("node-a", late))
-    assert store.proven_gone("bkt", batch) == set()
+    assert store.proven_gone("bkt", batch).gone == set()
     stub.assert_no_pending_responses()

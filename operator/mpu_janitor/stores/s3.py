@@ -30,6 +30,7 @@ from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
     InvalidTarget,
+    ListingProof,
     Pace,
     PartsSummary,
     RequestObserver,
@@ -45,6 +46,7 @@ from mpu_janitor.stores.base import (
 )
 from mpu_janitor.stores.identity import s3_target_id
 from mpu_janitor.stores.profiles import S3Profile, profile
+from mpu_janitor.stores.streamed_listing import ListingSpill, installed, stream_listing_handler
 
 PAGE_SIZE = 1000
 # Truncated listing pages in a row that list no upload before the listing is called stuck.
@@ -283,30 +285,37 @@ class S3Store:
                 request["KeyMarker"] = marker[0]
                 if marker[1]:
                     request["UploadIdMarker"] = marker[1]
-            page = pace(
-                functools.partial(self._send, self.client.list_multipart_uploads, request, bucket)
-            )
-            decode_keys, decode_markers = self._encoded(page)
-            fresh: list[Upload] = []
-            for item in page.get("Uploads", []):
-                key = self._decoded(item["Key"], decode_keys, bucket)
-                if key != tail_key:
-                    tail_key, tail_ids = key, set()
-                elif item["UploadId"] in tail_ids:
-                    continue
-                tail_ids.add(item["UploadId"])
-                fresh.append(
-                    Upload(bucket, key, item["UploadId"], item["Initiated"].astimezone(UTC))
-                )
-            now = server_time(page, "S3")
-            node = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-id-2")
-            truncated = bool(page.get("IsTruncated"))
-            position = _Position(listing, number, prefix, marker, node, now)
-            yield _Listed(fresh, now, position, truncated)
+            with ListingSpill() as spill:
+                page = pace(functools.partial(self._send_listing, request, bucket, spill))
+                items = spill.uploads() if spill.used else iter(page.get("Uploads") or [])
+                decode_keys, decode_markers = self._encoded(page)
+                now = server_time(page, "S3")
+                node = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-id-2")
+                truncated = bool(page.get("IsTruncated"))
+                position = _Position(listing, number, prefix, marker, node, now)
+                last: dict[str, Any] | None = None
+                fresh: list[Upload] = []
+                listed_any = False
+                for item in items:
+                    last = item
+                    key = self._decoded(item["Key"], decode_keys, bucket)
+                    if key != tail_key:
+                        tail_key, tail_ids = key, set()
+                    elif item["UploadId"] in tail_ids:
+                        continue
+                    tail_ids.add(item["UploadId"])
+                    fresh.append(
+                        Upload(bucket, key, item["UploadId"], item["Initiated"].astimezone(UTC))
+                    )
+                    if len(fresh) >= PAGE_SIZE:  # one answer of a whole bucket (MinIO)
+                        yield _Listed(fresh, now, position, True)
+                        fresh, listed_any = [], True
+                listed_any = listed_any or bool(fresh)
+                yield _Listed(fresh, now, position, truncated)
             if not truncated:
                 return  # Next markers without truncation (Ceph) mean nothing
-            empty_pages = 0 if fresh else empty_pages + 1
-            marker = self._next_marker(page, directory, decode_keys, decode_markers, bucket)
+            empty_pages = 0 if listed_any else empty_pages + 1
+            marker = self._next_marker(page, last, directory, decode_keys, decode_markers, bucket)
             if marker is None:
                 stuck = "a truncated page without a next marker"
             elif marker in markers_seen:
@@ -329,14 +338,14 @@ class S3Store:
         container: str,
         uploads: Sequence[tuple[Upload, object]],
         pace: Pace = unpaced,
-    ) -> set[str]:
+    ) -> ListingProof:
         """The ids among ``uploads`` that a fresh listing proves gone (see ``BulkVerifier``).
         Only where the profile says a listing can prove it, never on directory buckets (their
         listing is unsorted, with an opaque marker); an upload without a position of ours is
         never vouched for."""
         rule = self.profile.listing_proves_gone
         if rule == "never" or (is_directory_bucket(container) and self.profile.directory_buckets):
-            return set()
+            return ListingProof(frozenset(), 0)
         by_listing: dict[tuple[int, str], list[tuple[Upload, _Position]]] = {}
         for upload, position in uploads:
             if (
@@ -347,16 +356,19 @@ class S3Store:
                 key = (position.listing, position.prefix)
                 by_listing.setdefault(key, []).append((upload, position))
         gone: set[str] = set()
+        listed = 0
         for (_, prefix), group in by_listing.items():
             if rule == "consistent":
-                gone |= self._gone_in_range(container, prefix, group, pace)
+                proof = self._gone_in_range(container, prefix, group, pace)
             else:
-                gone |= self._gone_from_node_table(container, prefix, group, pace)
-        return gone
+                proof = self._gone_from_node_table(container, prefix, group, pace)
+            gone |= proof.gone
+            listed += proof.listed
+        return ListingProof(frozenset(gone), listed)
 
     def _gone_in_range(
         self, bucket: str, prefix: str, group: list[tuple[Upload, _Position]], pace: Pace
-    ) -> set[str]:
+    ) -> ListingProof:
         """A consistent, key-sorted listing: list again from the earliest page the uploads came
         from (its own markers: the store's order, not ours) until past the last of their keys;
         an upload in that range and not listed is gone."""
@@ -367,11 +379,12 @@ class S3Store:
             listed.update(upload.upload_id for upload in page.uploads)
             if not page.truncated or (page.uploads and page.uploads[-1].key > last_key):
                 break  # every key up to last_key was listed (_pages raises if it is stuck)
-        return {upload.upload_id for upload, _ in group if upload.upload_id not in listed}
+        gone = {upload.upload_id for upload, _ in group if upload.upload_id not in listed}
+        return ListingProof(frozenset(gone), len(listed))
 
     def _gone_from_node_table(
         self, bucket: str, prefix: str, group: list[tuple[Upload, _Position]], pace: Pace
-    ) -> set[str]:
+    ) -> ListingProof:
         """MinIO's bucket-wide listing is the answering node's in-memory table of the uploads
         begun through it. Absence proves an upload gone only when every page of the new
         listing comes from the node that listed the upload (``x-amz-id-2``) and that table
@@ -386,9 +399,9 @@ class S3Store:
                 if earliest is None or upload.initiated < earliest:
                     earliest = upload.initiated
         if len(nodes) != 1 or None in nodes or earliest is None:
-            return set()
+            return ListingProof(frozenset(), len(listed))
         (node,) = nodes
-        return {
+        gone = {
             upload.upload_id
             for upload, position in group
             if upload.upload_id not in listed
@@ -396,10 +409,12 @@ class S3Store:
             and position.server_time is not None
             and earliest < position.server_time
         }
+        return ListingProof(frozenset(gone), len(listed))
 
     def _next_marker(
         self,
         page: dict[str, Any],
+        last: dict[str, Any] | None,
         directory: bool,
         decode_keys: bool,
         decode_markers: bool,
@@ -411,9 +426,7 @@ class S3Store:
         next_key = page.get("NextKeyMarker") or ""
         if directory:
             return (self._decoded(next_key, decode_markers, bucket), "") if next_key else None
-        uploads = page.get("Uploads") or []
-        if uploads:
-            last = uploads[-1]
+        if last is not None:  # the last upload of the answer
             return self._decoded(last["Key"], decode_keys, bucket), str(last["UploadId"])
         if not next_key:
             return None
@@ -442,6 +455,19 @@ class S3Store:
                 f"URL-encoded UTF-8: {value!r}",
                 container=bucket,
             ) from error
+
+    def _send_listing(
+        self, params: dict[str, Any], bucket: str, spill: ListingSpill
+    ) -> dict[str, Any]:
+        """One ListMultipartUploads request whose uploads are streamed into ``spill``
+        (stores/streamed_listing.py): memory stays flat however many one answer holds."""
+        self.client.meta.events.register(
+            "before-send.s3.ListMultipartUploads",
+            stream_listing_handler(self.client),
+            unique_id="mpu-janitor-streamed-listing",
+        )
+        with installed(spill):
+            return self._send(self.client.list_multipart_uploads, params, bucket)
 
     @staticmethod
     def _send(call: Any, params: dict[str, Any], container: str) -> dict[str, Any]:
