@@ -504,7 +504,12 @@ class _Sweep:
                         stats.protected += 1
                     self.issue(refused.reason, str(refused), container)
                     return Fate.KEPT
-                except StoreUnreachable as error:
+                except StoreError as error:
+                    # No usable answer: no connection, a timeout, or a server error after the
+                    # client's retries (an earlier attempt may have been carried out and its
+                    # answer lost). A refusal (AccessDenied, ...) is an answer: it fails.
+                    if not inconclusive(error):
+                        raise
                     last_error = error
                     log.info("abort of %s got no usable answer (%s); verifying", upload.key, error)
                 else:
