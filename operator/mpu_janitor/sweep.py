@@ -329,7 +329,10 @@ class _Sweep:
         self.unverified: list[_Unverified] = []  # this container's, under the lock
         self.listed = 0  # uploads submitted in this container
         self.last_listing = 0  # uploads the last verifying listing held
-        self._submit: Callable[[Callable[[], None]], None] = lambda task: task()
+        # Aborts a verifying listing did not prove gone, waiting for the sweep's own thread to
+        # hand each to a worker with a slot of its own (a worker that holds a slot never waits
+        # for another, so the limit can never deadlock); at most one batch.
+        self.unproven: deque[_Unverified] = deque()
         self.result = SweepResult(
             namespace=policy.namespace,
             policy=policy.name,
@@ -387,15 +390,18 @@ class _Sweep:
     # -- one upload ------------------------------------------------------------------------------
 
     def process(self, upload: Upload, age: timedelta, position: object = None) -> None:
+        """One upload, in the slot of the concurrency limit its submitter took for it."""
+        try:
+            self._guarded(upload, age, position)
+        finally:
+            self.concurrency.release()
+
+    def _guarded(self, upload: Upload, age: timedelta, position: object) -> None:
         container = upload.container
         try:
             if self.cancel.is_set():
                 raise Cancelled()  # queued when the stop order came: dropped untouched
-            self.concurrency.acquire(self.cancel)
-            try:
-                self._process(upload, age, position)
-            finally:
-                self.concurrency.release()
+            self._process(upload, age, position)
         except Cancelled:
             with self.lock:
                 self.result.cancelled = True
@@ -593,18 +599,20 @@ class _Sweep:
             log.info(
                 "verifying listing of %d aborts in %s failed (%s)", len(batch), container, error
             )
+        unproven = []
         for item in batch:
             if item.upload.upload_id in gone and item.upload.upload_id in ids:
                 self._freed(item.upload, item.size)
             else:
-                self._submit(functools.partial(self.verify_one, item))
+                unproven.append(item)
+        with self.lock:
+            self.unproven.extend(unproven)
 
     def verify_one(self, item: _Unverified) -> None:
         """An aborted upload its batch's listing did not prove gone: the parts listing, then
         the abort again, as for every upload on stores that cannot prove it by listing."""
         upload = item.upload
         fate = Fate.KEPT
-        self.concurrency.acquire()
         try:
             fate = self._abort_and_verify(upload, item.size, item.age, aborted_once=True)
         except Cancelled:
@@ -652,38 +660,53 @@ class _Sweep:
     def sweep_container(
         self, container: str, pool: ThreadPoolExecutor, progress: ProgressCallback | None
     ) -> None:
-        in_flight = threading.BoundedSemaphore(self.policy.limits.concurrency * 2)
         futures: set[Future[None]] = set()
 
-        def finished(future: Future[None], *, slot: bool) -> None:
-            if slot:
-                in_flight.release()
+        def finished(future: Future[None]) -> None:
             with self.lock:
                 futures.discard(future)
             if progress is not None:  # after every upload: the caller decides how often to show
                 progress(self.result)
 
-        def submit(task: Callable[[], None], *, slot: bool = False) -> None:
-            future = pool.submit(task)
+        def submit(task: Callable[[], None]) -> None:
+            """Hand a task holding a slot (taken by the caller, released by the task)."""
+            try:
+                future = pool.submit(task)
+            except BaseException:
+                self.concurrency.release()
+                raise
             with self.lock:
                 futures.add(future)
-            future.add_done_callback(functools.partial(finished, slot=slot))
+            future.add_done_callback(finished)
 
-        def wait_all() -> None:
+        def hand_out_unproven() -> None:
+            """Aborts already sent: verified even during a stop (the slot wait is not
+            cancellable; slots come back as the running uploads finish)."""
             while True:
+                with self.lock:
+                    if not self.unproven:
+                        return
+                    item = self.unproven.popleft()
+                self.concurrency.acquire()
+                submit(functools.partial(self.verify_one, item))
+
+        def finish_all() -> None:
+            while True:
+                hand_out_unproven()
                 with self.lock:
                     pending = list(futures)
                 if not pending:
-                    return
-                for future in pending:
-                    future.result()
+                    with self.lock:
+                        if not self.unproven:
+                            return
+                    continue
+                pending[0].result()
 
         with self.lock:
             self.stats(container)
             self.listed = 0
             self.last_listing = 0
             self.unverified = []
-        self._submit = submit
         pages = self.store.list_uploads(container, self.policy.match.prefixes, self.listing_pace)
         try:
             for page in pages:
@@ -700,11 +723,12 @@ class _Sweep:
                         self.no_clock(container)  # Verdict.UNJUDGED, without measuring
                         continue
                     age = page.server_time - upload.initiated
-                    while not in_flight.acquire(timeout=0.2):
-                        if self.cancel.is_set():
-                            raise Cancelled()
+                    hand_out_unproven()
+                    # A slot of the adaptive limit before the upload goes to a worker (the
+                    # worker releases it): no more uploads wait in the pool than run.
+                    self.concurrency.acquire(self.cancel)
                     self.listed += 1
-                    submit(functools.partial(self.process, upload, age, page.position), slot=True)
+                    submit(functools.partial(self.process, upload, age, page.position))
                 if progress is not None:
                     progress(self.result)
             with self.lock:
@@ -712,10 +736,10 @@ class _Sweep:
         finally:
             # Wait for this container's uploads, and prove every abort sent, before its lock
             # is released (a stop order included: what was aborted is verified and counted).
-            wait_all()
+            finish_all()
             if self.bulk is not None:
                 self.flush_unverified()
-                wait_all()
+                finish_all()
 
 
 def run_sweep(

@@ -374,13 +374,15 @@ class S3Store:
         an upload in that range and not listed is gone."""
         start = min((position for _, position in group), key=lambda p: p.page).marker
         last_key = max(upload.key for upload, _ in group)
-        listed: set[str] = set()
+        asked = {upload.upload_id for upload, _ in group}
+        still: set[str] = set()  # of those asked about: memory bounded by the batch
+        listed = 0
         for page in self._pages(bucket, prefix, pace, start):
-            listed.update(upload.upload_id for upload in page.uploads)
+            listed += len(page.uploads)
+            still.update(upload.upload_id for upload in page.uploads if upload.upload_id in asked)
             if not page.truncated or (page.uploads and page.uploads[-1].key > last_key):
                 break  # every key up to last_key was listed (_pages raises if it is stuck)
-        gone = {upload.upload_id for upload, _ in group if upload.upload_id not in listed}
-        return ListingProof(frozenset(gone), len(listed))
+        return ListingProof(frozenset(asked - still), listed)
 
     def _gone_from_node_table(
         self, bucket: str, prefix: str, group: list[tuple[Upload, _Position]], pace: Pace
@@ -389,27 +391,31 @@ class S3Store:
         begun through it. Absence proves an upload gone only when every page of the new
         listing comes from the node that listed the upload (``x-amz-id-2``) and that table
         still holds an upload begun before the upload's own listing (a restart empties it)."""
-        listed: set[str] = set()
+        asked = {upload.upload_id for upload, _ in group}
+        still: set[str] = set()  # of those asked about: memory bounded by the batch
+        listed = 0
         nodes: set[str | None] = set()
         earliest: datetime | None = None
         for page in self._pages(bucket, prefix, pace):
             nodes.add(page.position.node)
+            listed += len(page.uploads)
             for upload in page.uploads:
-                listed.add(upload.upload_id)
+                if upload.upload_id in asked:
+                    still.add(upload.upload_id)
                 if earliest is None or upload.initiated < earliest:
                     earliest = upload.initiated
         if len(nodes) != 1 or None in nodes or earliest is None:
-            return ListingProof(frozenset(), len(listed))
+            return ListingProof(frozenset(), listed)
         (node,) = nodes
         gone = {
             upload.upload_id
             for upload, position in group
-            if upload.upload_id not in listed
+            if upload.upload_id not in still
             and position.node == node
             and position.server_time is not None
             and earliest < position.server_time
         }
-        return ListingProof(frozenset(gone), len(listed))
+        return ListingProof(frozenset(gone), listed)
 
     def _next_marker(
         self,
