@@ -224,7 +224,7 @@ class MatchSpec:
 class Limits:
     max_aborts_per_sweep: int = 10000
     requests_per_second: float = 100.0
-    concurrency: int = 64  # the cap: a sweep starts at 16 and adapts (pacing.ConcurrencyLimit)
+    concurrency: int = 16  # the cap: a sweep starts at 16 (or lower) and adapts within it
 
 
 @dataclass(frozen=True)
@@ -704,7 +704,7 @@ def parse_spec(spec: Any, *, name: str, namespace: str, generation: int | None =
         requests_per_second=float(
             lim.number("requestsPerSecond", 100, low=0.1, high=10_000, integer=False)
         ),
-        concurrency=int(lim.number("concurrency", 64, low=1, high=MAX_CONCURRENCY, integer=True)),
+        concurrency=int(lim.number("concurrency", 16, low=1, high=MAX_CONCURRENCY, integer=True)),
     )
     suspend = f.boolean("suspend", False)
     return Policy(name, namespace, store, match, interval, mode, limits, suspend, generation)

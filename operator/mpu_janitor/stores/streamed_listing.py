@@ -27,7 +27,7 @@ import urllib3.exceptions
 
 from mpu_janitor.stores.aws import parse_store_timestamp
 
-SPILL_IN_MEMORY_BYTES = 4 * 1024 * 1024
+SPILL_IN_MEMORY_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 _RECORD = struct.Struct("<III")
 _LOCAL = threading.local()
