@@ -9,8 +9,11 @@ aborts them all through the proxy:
 * ``rclone``: ``rclone backend cleanup bench:BUCKET -o max-age=1s`` (the remote configured by
   environment), one upload at a time;
 * ``mpu-janitor``: ``mpu-janitor sweep -f POLICY --output json``, the CLI as a user runs it,
-  with the default concurrency (16) and verification; ``requestsPerSecond`` at its ceiling
-  (10,000) so the pacer does not set the pace;
+  with the default concurrency (16, the bare client's threads: the equal-concurrency
+  comparison) and verification; ``requestsPerSecond`` at its ceiling (10,000) so the pacer
+  does not set the pace;
+* ``mpu-janitor-64``: the same with ``concurrency: 64``: the sweep starts at 16 and may grow to
+  64 while the answers come as fast as unloaded;
 * ``bare boto3``: one boto3 client in this process listing the bucket and aborting every upload
   from 16 threads: no ListParts, no bytes, no verification. What a client at the same
   concurrency can do at best.
@@ -56,14 +59,15 @@ from tests.support.controlplane import ensure_binaries
 from tests.support.minio import MinioServer
 from tests.support.toxiproxy import Proxy, Toxiproxy
 
-TOOLS = ("rclone", "mpu-janitor", "bare")
+TOOLS = ("rclone", "mpu-janitor", "mpu-janitor-64", "bare")
 LABELS = {
     "rclone": "rclone backend cleanup",
     "mpu-janitor": "mpu-janitor sweep",
+    "mpu-janitor-64": "mpu-janitor sweep, concurrency 64",
     "bare": "bare boto3",
 }
 DEFAULT_RTTS = "20:1000,100:500"
-CONCURRENCY = 16  # the policy's default, and the bare client's threads
+CONCURRENCY = 16  # the bare client's threads, and the policy's default concurrency
 PART_SIZE = 1024
 SETTLE_SECONDS = 2.5  # MinIO's clock has 1 s resolution: every upload is older than 1 s after
 README = Path(__file__).with_name("README.md")
@@ -282,17 +286,26 @@ def janitor_startup(samples: int = 3) -> tuple[float, float]:
     return min(t[0] for t in tries), min(t[1] for t in tries)
 
 
-def run_janitor(bench: Bench, rtt_ms: int, bucket: str, uploads: int, startup_cpu: float) -> Run:
+def run_janitor(
+    bench: Bench,
+    rtt_ms: int,
+    bucket: str,
+    uploads: int,
+    startup_cpu: float,
+    concurrency: int | None = None,
+) -> Run:
+    """The CLI with the default limits (``concurrency`` None: the default cap, adaptive), or
+    capped at ``concurrency`` uploads at once."""
     proxy = bench.proxy(rtt_ms)
+    tool = "mpu-janitor" if concurrency is None else f"mpu-janitor-{concurrency}"
+    limits: dict[str, Any] = {"requestsPerSecond": 10_000, "maxAbortsPerSweep": 10_000_000}
+    if concurrency is not None:
+        limits["concurrency"] = concurrency
     doc = policy_doc(
         proxy.endpoint,
         [bucket],
         match={"olderThan": "1s", "quietPeriod": "0s"},
-        limits={
-            "concurrency": CONCURRENCY,
-            "requestsPerSecond": 10_000,
-            "maxAbortsPerSweep": 10_000_000,
-        },
+        limits=limits,
     )
     script = Path(sys.executable).parent / "mpu-janitor"
     with tempfile.TemporaryDirectory(prefix="mpu-janitor-bench-") as tmp:
@@ -302,7 +315,7 @@ def run_janitor(bench: Bench, rtt_ms: int, bucket: str, uploads: int, startup_cp
 
         def body() -> Run:
             code, out, err, seconds, cpu = run_child(argv, env)
-            run = Run("mpu-janitor", rtt_ms, uploads, seconds, cpu - startup_cpu, 0.0, Counter())
+            run = Run(tool, rtt_ms, uploads, seconds, cpu - startup_cpu, 0.0, Counter())
             summary = last_json(out) if out.strip() else {}
             run.detail = summary
             expected = uploads * PART_SIZE
@@ -314,7 +327,7 @@ def run_janitor(bench: Bench, rtt_ms: int, bucket: str, uploads: int, startup_cp
                 run.problems.append(f"freedBytes {summary.get('freedBytes')}, seeded {expected}")
             return run
 
-        return bench.measured("mpu-janitor", rtt_ms, bucket, uploads, body)
+        return bench.measured(tool, rtt_ms, bucket, uploads, body)
 
 
 def run_bare(bench: Bench, rtt_ms: int, bucket: str, uploads: int) -> Run:
@@ -399,6 +412,8 @@ def side_by_side(
                     run = run_rclone(bench, rclone, rtt_ms, buckets[tool], uploads)
                 elif tool == "mpu-janitor":
                     run = run_janitor(bench, rtt_ms, buckets[tool], uploads, startup_cpu)
+                elif tool == "mpu-janitor-64":
+                    run = run_janitor(bench, rtt_ms, buckets[tool], uploads, startup_cpu, 64)
                 else:
                     run = run_bare(bench, rtt_ms, buckets[tool], uploads)
                 runs.append(run)
@@ -455,7 +470,7 @@ def table(report: Report) -> list[str]:
             else "-"
         )
         cpu = f"{1e6 * run.client_cpu / run.uploads:,.0f}"
-        if run.tool == "mpu-janitor":
+        if run.tool.startswith("mpu-janitor"):
             cpu += " (engine)"
         lines.append(
             f"| {LABELS[run.tool]} | {run.rtt_ms} ms | {run.uploads:,} | {run.seconds:.2f} | "
@@ -478,14 +493,14 @@ def notes(report: Report) -> list[str]:
         f"apart: the mpu-janitor seconds include it, its CPU column does not."
     )
     for run in report.runs:
-        if run.tool != "mpu-janitor":
+        if not run.tool.startswith("mpu-janitor"):
             continue
         bare = report.find("bare", run.rtt_ms)
         if bare is None or run.seconds <= report.startup_seconds:
             continue
         net = run.seconds - report.startup_seconds
         out.append(
-            f"* {run.rtt_ms} ms without the start-up: mpu-janitor {net:.2f} s, "
+            f"* {run.rtt_ms} ms without the start-up: {LABELS[run.tool]} {net:.2f} s, "
             f"{100 * bare.seconds / net:.0f} % of the bare client's uploads/s."
         )
     for run in report.runs:

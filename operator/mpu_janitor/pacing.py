@@ -29,6 +29,130 @@ class Cancelled(Exception):
     """The sweep was asked to stop (policy deleted, suspended, operator stopping)."""
 
 
+# Adaptive concurrency (ConcurrencyLimit): a sweep starts at this many uploads at once (or the
+# policy's cap, if lower) and grows while the store's answers come as fast as they did unloaded.
+START_CONCURRENCY = 16
+LATENCY_TOLERANCE = 2.0  # answers this many times slower than the unloaded floor: back off
+LATENCY_SLACK_SECONDS = 0.002  # ... and slower by more than this (noise at sub-ms floors)
+BASELINE_WINDOW = 200  # answers per window of the unloaded-floor estimate
+SMOOTHING = 0.2  # weight of the newest answer in the recent latency
+DECREASE_FACTOR = 0.8  # on rising latency
+THROTTLE_FACTOR = 0.5  # on throttling
+
+
+class ConcurrencyLimit:
+    """How many uploads a sweep works on at once, adapted within ``[1, cap]`` like a TCP
+    congestion window: the store's answer times are the signal.
+
+    The floor is the fastest answer of the last one or two windows of ``BASELINE_WINDOW``
+    answers (what the store takes unloaded; it follows a change of network path within two
+    windows). While the recent latency (a moving average) stays within ``LATENCY_TOLERANCE``
+    times the floor, the limit grows: by one per answer at first (doubling every round trip,
+    "slow start"), and by one per ``limit`` answers (one per round trip) once it has backed off.
+    When the recent latency rises past that, the limit shrinks by ``DECREASE_FACTOR``, but not
+    below the start: latency is a noisy signal (a loaded client's own CPU delays its answers,
+    and at a sub-millisecond round trip that is all it measures), so it only takes back what it
+    gave. When the store throttles, the limit halves (``THROTTLE_FACTOR``), down to one. Either
+    at most once per ``limit`` answers, so one slow round trip counts once. No wall clock is
+    read here: the caller reports each answer's latency (``observed``) and each throttling
+    (``throttled``)."""
+
+    def __init__(self, cap: int, start: int = START_CONCURRENCY) -> None:
+        if cap < 1:
+            raise ValueError("cap must be at least 1")
+        self.cap = cap
+        self.start = min(cap, max(1, start))
+        self.limit = float(self.start)
+        self.slow_start = True
+        self.recent: float | None = None
+        self._window_min: float | None = None
+        self._previous_min: float | None = None
+        self._window_count = 0
+        self._since_decrease = cap  # answers since the last decrease: none yet
+        self.in_use = 0
+        self._cond = threading.Condition()
+        self.decreases = 0
+        self.peak = int(self.limit)
+
+    @property
+    def current(self) -> int:
+        return max(1, int(self.limit))
+
+    @property
+    def floor(self) -> float | None:
+        """The unloaded answer time: the fastest of the last one or two windows."""
+        known = [m for m in (self._window_min, self._previous_min) if m is not None]
+        return min(known) if known else None
+
+    def try_acquire(self) -> bool:
+        with self._cond:
+            if self.in_use >= self.current:
+                return False
+            self.in_use += 1
+            return True
+
+    def acquire(self, cancel: threading.Event | None = None, *, poll: float = 0.2) -> None:
+        """Wait for a slot; raises Cancelled if ``cancel`` is set meanwhile."""
+        with self._cond:
+            while self.in_use >= self.current:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                self._cond.wait(poll)
+            self.in_use += 1
+
+    def release(self) -> None:
+        with self._cond:
+            self.in_use -= 1
+            self._cond.notify()
+
+    def observed(self, latency: float) -> None:
+        """One answer (not a throttling) that took ``latency`` seconds."""
+        with self._cond:
+            if self._window_min is None or latency < self._window_min:
+                self._window_min = latency
+            self._window_count += 1
+            if self._window_count >= BASELINE_WINDOW:
+                self._previous_min, self._window_min, self._window_count = (
+                    self._window_min,
+                    None,
+                    0,
+                )
+            self.recent = (
+                latency
+                if self.recent is None
+                else SMOOTHING * latency + (1 - SMOOTHING) * self.recent
+            )
+            self._since_decrease += 1
+            before = self.current
+            floor = self.floor
+            assert floor is not None
+            rising = self.recent > floor * LATENCY_TOLERANCE + LATENCY_SLACK_SECONDS
+            if rising:
+                self._decrease(DECREASE_FACTOR, self.start)
+            elif self.slow_start:
+                self.limit = min(float(self.cap), self.limit + 1.0)
+            else:
+                self.limit = min(float(self.cap), self.limit + 1.0 / self.limit)
+            self.peak = max(self.peak, self.current)
+            if self.current > before:
+                self._cond.notify(self.current - before)  # the new slots' waiters, no more
+
+    def throttled(self) -> None:
+        """The store asked us to slow down."""
+        with self._cond:
+            self._decrease(THROTTLE_FACTOR, 1)
+
+    def _decrease(self, factor: float, lowest: int) -> None:
+        self.slow_start = False
+        if self._since_decrease < self.current:
+            return  # once per round trip of answers
+        lower = max(float(lowest), self.limit * factor)
+        if lower < self.limit:  # already at its lowest: nothing to count
+            self.limit = lower
+            self._since_decrease = 0
+            self.decreases += 1
+
+
 class Pacer:
     """Token bucket at ``rate`` requests per second, shared by a sweep's worker threads.
 
@@ -52,6 +176,7 @@ class Pacer:
         self._tokens = min(rate, 1.0)
         self._last = clock()
         self.throttle_events = 0
+        self.concurrency: ConcurrencyLimit | None = None  # told of every answer's latency
 
     def acquire(self, *, cancellable: bool = True) -> None:
         """Wait for one request slot; raises Cancelled if the sweep is stopped meanwhile
@@ -73,17 +198,21 @@ class Pacer:
             else:
                 time.sleep(min(wait, 1.0))
 
-    def send(self, request: Callable[[], T], *, finish: bool = False) -> T:
+    def send(self, request: Callable[[], T], *, finish: bool = False, timed: bool = True) -> T:
         """Send one store request: wait for a token, retry it alone when the store throttles
         (backing off, honouring the wait the store asked for up to 300 s), and raise
         ``Cancelled`` before sending when the sweep is being stopped. ``finish``: the request
         goes out and is retried even during a stop (the parts listing that verifies an abort
-        already sent, so what it freed is counted)."""
+        already sent, so what it freed is counted). ``timed``: the answer's latency is a sample
+        for the adaptive concurrency (not for listings, whose size sets their time)."""
         for attempt in range(THROTTLE_RETRIES + 1):
             self.acquire(cancellable=not finish)
+            started = self._clock()
             try:
                 value = request()
             except Throttled as error:
+                if self.concurrency is not None:
+                    self.concurrency.throttled()
                 if attempt == THROTTLE_RETRIES:
                     raise
                 log.info("throttled by the store; slowing down (attempt %d)", attempt + 1)
@@ -94,6 +223,8 @@ class Pacer:
                     cap=STOPPING_WAIT_SECONDS if finish and self.cancel.is_set() else None,
                 )
                 continue
+            if timed and self.concurrency is not None:
+                self.concurrency.observed(self._clock() - started)
             self.succeeded()
             return value
         raise AssertionError("unreachable")

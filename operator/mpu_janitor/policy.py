@@ -262,7 +262,7 @@ class MatchSpec:
 class Limits:
     max_aborts_per_sweep: int = 10000
     requests_per_second: float = 100.0
-    concurrency: int = 16
+    concurrency: int = 16  # the cap: a sweep starts at 16 (or lower) and adapts within it
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from mpu_janitor.pacing import Cancelled, Pacer
+from mpu_janitor.pacing import Cancelled, ConcurrencyLimit, Pacer
 from mpu_janitor.policy import MatchSpec, Policy
 from mpu_janitor.stores.base import (
     AbortRefused,
+    BulkVerifier,
     PartsSummary,
     Store,
     StoreError,
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ABORT_ATTEMPTS = 3  # abort + verify rounds before an upload counts as failed
+# Aborts proven gone by one listing (stores that are BulkVerifiers): a batch is verified once it
+# holds this many, or more as the container and the verifying listings grow (batch_size).
+BULK_VERIFY_MIN_BATCH = 64
+BULK_VERIFY_MAX_BATCH = 8192  # about 2.5 MB of pending aborts at most
 VERIFY_BACKOFF_SECONDS = 0.5  # doubled each round: the stores say an abort may need repeating
 MAX_ISSUES = 20  # status stays small: keep the first few messages, count the rest
 # Issues that report the safety rules at work, not a failure: they leave the sweep Ready.
@@ -251,6 +257,24 @@ def judge(match: MatchSpec, age: timedelta | None, parts: PartsSummary) -> Verdi
     return Verdict.ELIGIBLE
 
 
+class Fate(enum.Enum):
+    """What became of one upload the sweep acted on."""
+
+    GONE = "gone"  # verified gone (freed by us, or already gone)
+    KEPT = "kept"  # still there after the sweep (not eligible, refused, failed, ...)
+    PENDING = "pending"  # aborted, waiting for its batch's verifying listing
+
+
+@dataclass(frozen=True, slots=True)
+class _Unverified:
+    """An upload aborted with a clean answer, waiting for a listing to prove it gone."""
+
+    upload: Upload
+    size: int
+    age: timedelta
+    position: object
+
+
 class RecentUploads:
     """The upload ids a sweep listed most recently, so a repeat is counted (and acted on) once.
 
@@ -293,10 +317,22 @@ class _Sweep:
         self.store = store
         self.cancel = cancel
         self.pacer = Pacer(policy.limits.requests_per_second, cancel=cancel)
+        # limits.concurrency is the cap: the sweep starts lower and adapts to the store's answers.
+        self.concurrency = ConcurrencyLimit(policy.limits.concurrency)
+        self.pacer.concurrency = self.concurrency
         self.lock = threading.Lock()
         self.abort_budget = policy.limits.max_aborts_per_sweep
         self.recent = RecentUploads(max(4096, 4 * policy.limits.concurrency))
         self.no_clock_reported: set[str] = set()
+        verifier = store if callable(getattr(store, "proven_gone", None)) else None
+        self.bulk: BulkVerifier | None = verifier  # type: ignore[assignment]
+        self.unverified: list[_Unverified] = []  # this container's, under the lock
+        self.listed = 0  # uploads submitted in this container
+        self.last_listing = 0  # uploads the last verifying listing held
+        # Aborts a verifying listing did not prove gone, waiting for the sweep's own thread to
+        # hand each to a worker with a slot of its own (a worker that holds a slot never waits
+        # for another, so the limit can never deadlock); at most one batch.
+        self.unproven: deque[_Unverified] = deque()
         self.result = SweepResult(
             namespace=policy.namespace,
             policy=policy.name,
@@ -334,21 +370,38 @@ class _Sweep:
     # -- every store request of the sweep --------------------------------------------------------
 
     def pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
-        """The engine's ``Pace``: every page of every listing, and every abort, goes out here."""
+        """The engine's ``Pace`` for one upload's requests (parts listing, abort); their answer
+        times steer the adaptive concurrency."""
         return self.pacer.send(request, finish=finish)
 
     def finishing_pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
         """The ``Pace`` of a verifying parts listing: every page goes out even during a stop."""
         return self.pacer.send(request, finish=True)
 
+    def listing_pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
+        """The ``Pace`` of a container's listing: its pages' size, not the store's load, sets
+        their answer time, so they do not steer the concurrency."""
+        return self.pacer.send(request, finish=finish, timed=False)
+
+    def verifying_listing_pace(self, request: Callable[[], T], *, finish: bool = False) -> T:
+        """The ``Pace`` of a listing that verifies aborts already sent: goes out during a stop."""
+        return self.pacer.send(request, finish=True, timed=False)
+
     # -- one upload ------------------------------------------------------------------------------
 
-    def process(self, upload: Upload, age: timedelta) -> None:
+    def process(self, upload: Upload, age: timedelta, position: object = None) -> None:
+        """One upload, in the slot of the concurrency limit its submitter took for it."""
+        try:
+            self._guarded(upload, age, position)
+        finally:
+            self.concurrency.release()
+
+    def _guarded(self, upload: Upload, age: timedelta, position: object) -> None:
         container = upload.container
         try:
             if self.cancel.is_set():
                 raise Cancelled()  # queued when the stop order came: dropped untouched
-            self._process(upload, age)
+            self._process(upload, age, position)
         except Cancelled:
             with self.lock:
                 self.result.cancelled = True
@@ -362,7 +415,7 @@ class _Sweep:
                 stats.failed += 1
             self.issue("InternalError", f"{type(error).__name__}: {error}", container)
 
-    def _process(self, upload: Upload, age: timedelta) -> None:
+    def _process(self, upload: Upload, age: timedelta, position: object) -> None:
         container = upload.container
         try:
             parts: PartsSummary = self.store.measure(upload, self.pace)
@@ -373,41 +426,60 @@ class _Sweep:
         with self.counting(container) as stats:
             stats.incomplete_uploads += 1
             stats.incomplete_bytes += parts.size_bytes
-        gone = False
+        fate = Fate.KEPT
         try:
-            gone = self._act(upload, judge(self.policy.match, age, parts), parts.size_bytes)
+            verdict = judge(self.policy.match, age, parts)
+            fate = self._act(upload, verdict, parts.size_bytes, age, position)
         finally:
-            if not gone:  # the oldest-age figure is about uploads still there after the sweep
-                with self.counting(container) as stats:
-                    stats.oldest_age_seconds = max(stats.oldest_age_seconds, age.total_seconds())
+            if fate is Fate.KEPT:  # the oldest-age figure: uploads still there after the sweep
+                self._still_there(container, age)
 
-    def _act(self, upload: Upload, verdict: Verdict, size: int) -> bool:
-        """Count or abort one measured upload by its verdict; True once it is verified gone."""
+    def _still_there(self, container: str, age: timedelta) -> None:
+        with self.counting(container) as stats:
+            stats.oldest_age_seconds = max(stats.oldest_age_seconds, age.total_seconds())
+
+    def _act(
+        self, upload: Upload, verdict: Verdict, size: int, age: timedelta, position: object
+    ) -> Fate:
+        """Count or abort one measured upload by its verdict."""
         container = upload.container
         if verdict is Verdict.YOUNG:
-            return False
+            return Fate.KEPT
         if verdict is Verdict.UNJUDGED:
             self.no_clock(container)
-            return False
+            return Fate.KEPT
         if verdict is Verdict.ACTIVE:
             with self.counting(container) as stats:
                 stats.skipped_active += 1
-            return False
+            return Fate.KEPT
         with self.counting(container) as stats:
             stats.eligible += 1
             stats.eligible_bytes += size
         if self.policy.dry_run:
-            return False
+            return Fate.KEPT
         with self.counting(container) as stats:
             if self.abort_budget <= 0:
                 stats.deferred += 1
-                return False
+                return Fate.KEPT
             self.abort_budget -= 1
-        return self._abort_and_verify(upload, size)
+        return self._abort_and_verify(upload, size, age, position)
 
-    def _abort_and_verify(self, upload: Upload, size: int) -> bool:
-        """Abort, then prove it with a parts listing; True once the upload is gone. A stop
-        order prevents every new abort, never the verification of one already sent.
+    def _abort_and_verify(
+        self,
+        upload: Upload,
+        size: int,
+        age: timedelta,
+        position: object = None,
+        *,
+        aborted_once: bool = False,
+    ) -> Fate:
+        """Abort, then prove it gone. A stop order prevents every new abort, never the
+        verification of one already sent.
+
+        Where the store can prove many aborts gone with one listing (a ``BulkVerifier``) and
+        the first abort got a clean answer, the upload waits for its batch's listing (PENDING);
+        one the listing does not prove gone comes back here with ``aborted_once``, to the
+        rounds every other upload goes through: a parts listing, then the abort again.
 
         An abort that got no answer (connection dropped or timed out after the client's
         retries) may still have been carried out, and a verifying listing that fails without a
@@ -417,34 +489,44 @@ class _Sweep:
         container = upload.container
         last_error: StoreError | None = None
         for attempt in range(ABORT_ATTEMPTS):
-            try:
-                self.pace(lambda: self.store.abort(upload))
-            except UploadGone:
-                if attempt == 0:
-                    # Gone before our first abort: someone else (or the store) freed it.
+            if not (aborted_once and attempt == 0):
+                try:
+                    self.pace(lambda: self.store.abort(upload))
+                except UploadGone:
+                    if attempt == 0:
+                        # Gone before our first abort: someone else (or the store) freed it.
+                        with self.counting(container) as stats:
+                            stats.already_gone += 1
+                        return Fate.GONE
+                    # Our earlier abort took effect after its verification listing.
+                    self._freed(upload, size)
+                    return Fate.GONE
+                except UploadReplaced:
                     with self.counting(container) as stats:
-                        stats.already_gone += 1
-                    return True
-                # Our earlier abort took effect after its verification listing.
-                self._freed(upload, size)
-                return True
-            except UploadReplaced:
-                with self.counting(container) as stats:
-                    stats.replaced += 1
-                return False
-            except AbortRefused as refused:
-                with self.counting(container) as stats:
-                    stats.protected += 1
-                self.issue(refused.reason, str(refused), container)
-                return False
-            except StoreUnreachable as error:
-                last_error = error
-                log.info("abort of %s got no usable answer (%s); verifying", upload.key, error)
+                        stats.replaced += 1
+                    return Fate.KEPT
+                except AbortRefused as refused:
+                    with self.counting(container) as stats:
+                        stats.protected += 1
+                    self.issue(refused.reason, str(refused), container)
+                    return Fate.KEPT
+                except StoreError as error:
+                    # No usable answer: no connection, a timeout, or a server error after the
+                    # client's retries (an earlier attempt may have been carried out and its
+                    # answer lost). A refusal (AccessDenied, ...) is an answer: it fails.
+                    if not inconclusive(error):
+                        raise
+                    last_error = error
+                    log.info("abort of %s got no usable answer (%s); verifying", upload.key, error)
+                else:
+                    if attempt == 0 and self.bulk is not None and position is not None:
+                        self._await_listing(_Unverified(upload, size, age, position))
+                        return Fate.PENDING
             try:
                 self.store.measure(upload, self.finishing_pace)
             except UploadGone:
                 self._freed(upload, size)
-                return True
+                return Fate.GONE
             except StoreError as error:
                 if not inconclusive(error):
                     raise
@@ -468,7 +550,87 @@ class _Sweep:
                 f"{upload.key}: parts still listed after {ABORT_ATTEMPTS} aborts",
                 container,
             )
-        return False
+        return Fate.KEPT
+
+    # -- aborts proven gone in batches, by one listing each ----------------------------------------
+
+    def batch_size(self) -> int:
+        """A batch grows with the container and with what the last verifying listing cost (a
+        listing may hold the whole bucket: MinIO answers every upload at once, so a batch of a
+        quarter of it keeps the uploads listed to verify within about four times the bucket),
+        bounded so memory stays flat."""
+        wanted = max(self.listed // 16, self.last_listing // 4)
+        return min(BULK_VERIFY_MAX_BATCH, max(BULK_VERIFY_MIN_BATCH, wanted))
+
+    def _await_listing(self, item: _Unverified) -> None:
+        """Queue an aborted upload for its batch's listing; the worker that fills the batch
+        sends that listing."""
+        with self.lock:
+            self.unverified.append(item)
+            if len(self.unverified) < self.batch_size():
+                return
+            batch, self.unverified = self.unverified, []
+        self.verify_batch(batch)
+
+    def flush_unverified(self) -> None:
+        """Verify what is left in the batch (the end of a container, or a stop order)."""
+        with self.lock:
+            batch, self.unverified = self.unverified, []
+        if batch:
+            self.verify_batch(batch)
+
+    def verify_batch(self, batch: list[_Unverified]) -> None:
+        """One listing (every page of it goes out even during a stop: these aborts were sent)
+        proves some gone; the others are verified one by one, each as a task of its own."""
+        assert self.bulk is not None
+        container = batch[0].upload.container
+        ids = {item.upload.upload_id for item in batch}
+        gone: frozenset[str] = frozenset()
+        try:
+            proof = self.bulk.proven_gone(
+                container,
+                [(item.upload, item.position) for item in batch],
+                self.verifying_listing_pace,
+            )
+            gone = proof.gone
+            with self.lock:
+                self.last_listing = proof.listed
+        except Exception as error:  # proves nothing: every upload is verified on its own
+            log.info(
+                "verifying listing of %d aborts in %s failed (%s)", len(batch), container, error
+            )
+        unproven = []
+        for item in batch:
+            if item.upload.upload_id in gone and item.upload.upload_id in ids:
+                self._freed(item.upload, item.size)
+            else:
+                unproven.append(item)
+        with self.lock:
+            self.unproven.extend(unproven)
+
+    def verify_one(self, item: _Unverified) -> None:
+        """An aborted upload its batch's listing did not prove gone: the parts listing, then
+        the abort again, as for every upload on stores that cannot prove it by listing."""
+        upload = item.upload
+        fate = Fate.KEPT
+        try:
+            fate = self._abort_and_verify(upload, item.size, item.age, aborted_once=True)
+        except Cancelled:
+            with self.lock:
+                self.result.cancelled = True
+        except StoreError as error:
+            with self.counting(upload.container) as stats:
+                stats.failed += 1
+            self.issue(error.reason, f"{upload.key}: {error}", upload.container)
+        except Exception as error:
+            log.exception("unexpected error verifying an abort in %s", upload.container)
+            with self.counting(upload.container) as stats:
+                stats.failed += 1
+            self.issue("InternalError", f"{type(error).__name__}: {error}", upload.container)
+        finally:
+            self.concurrency.release()
+            if fate is Fate.KEPT:
+                self._still_there(upload.container, item.age)
 
     def _freed(self, upload: Upload, size: int) -> None:
         with self.counting(upload.container) as stats:
@@ -498,19 +660,54 @@ class _Sweep:
     def sweep_container(
         self, container: str, pool: ThreadPoolExecutor, progress: ProgressCallback | None
     ) -> None:
-        in_flight = threading.BoundedSemaphore(self.policy.limits.concurrency * 2)
         futures: set[Future[None]] = set()
 
-        def done(future: Future[None]) -> None:
-            in_flight.release()
+        def finished(future: Future[None]) -> None:
             with self.lock:
                 futures.discard(future)
             if progress is not None:  # after every upload: the caller decides how often to show
                 progress(self.result)
 
+        def submit(task: Callable[[], None]) -> None:
+            """Hand a task holding a slot (taken by the caller, released by the task)."""
+            try:
+                future = pool.submit(task)
+            except BaseException:
+                self.concurrency.release()
+                raise
+            with self.lock:
+                futures.add(future)
+            future.add_done_callback(finished)
+
+        def hand_out_unproven() -> None:
+            """Aborts already sent: verified even during a stop (the slot wait is not
+            cancellable; slots come back as the running uploads finish)."""
+            while True:
+                with self.lock:
+                    if not self.unproven:
+                        return
+                    item = self.unproven.popleft()
+                self.concurrency.acquire()
+                submit(functools.partial(self.verify_one, item))
+
+        def finish_all() -> None:
+            while True:
+                hand_out_unproven()
+                with self.lock:
+                    pending = list(futures)
+                if not pending:
+                    with self.lock:
+                        if not self.unproven:
+                            return
+                    continue
+                pending[0].result()
+
         with self.lock:
             self.stats(container)
-        pages = self.store.list_uploads(container, self.policy.match.prefixes, self.pace)
+            self.listed = 0
+            self.last_listing = 0
+            self.unverified = []
+        pages = self.store.list_uploads(container, self.policy.match.prefixes, self.listing_pace)
         try:
             for page in pages:
                 for upload in page.uploads:
@@ -526,26 +723,23 @@ class _Sweep:
                         self.no_clock(container)  # Verdict.UNJUDGED, without measuring
                         continue
                     age = page.server_time - upload.initiated
-                    while not in_flight.acquire(timeout=0.2):
-                        if self.cancel.is_set():
-                            raise Cancelled()
-                    future = pool.submit(self.process, upload, age)
-                    with self.lock:
-                        futures.add(future)
-                    future.add_done_callback(done)
+                    hand_out_unproven()
+                    # A slot of the adaptive limit before the upload goes to a worker (the
+                    # worker releases it): no more uploads wait in the pool than run.
+                    self.concurrency.acquire(self.cancel)
+                    self.listed += 1
+                    submit(functools.partial(self.process, upload, age, page.position))
                 if progress is not None:
                     progress(self.result)
             with self.lock:
                 self.stats(container).listed = True
         finally:
-            # Wait for this container's uploads before its lock is released.
-            while True:
-                with self.lock:
-                    pending = list(futures)
-                if not pending:
-                    break
-                for future in pending:
-                    future.result()
+            # Wait for this container's uploads, and prove every abort sent, before its lock
+            # is released (a stop order included: what was aborted is verified and counted).
+            finish_all()
+            if self.bulk is not None:
+                self.flush_unverified()
+                finish_all()
 
 
 def run_sweep(

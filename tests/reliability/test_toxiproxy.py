@@ -71,6 +71,9 @@ def populations(minio: MinioServer) -> Iterator[dict[str, Population]]:
     yield made
 
 
+OK_CODES = ("200", "204", "404")
+
+
 @pytest.mark.parametrize("name", list(TOXICS))
 def test_sweeps_through_toxics(
     name: str,
@@ -105,7 +108,6 @@ def test_sweeps_through_toxics(
     started = time.monotonic()
     record, listed = sweep_with_truth(s3, population, run)
     records.append(record)
-    sent = sum(attempts.values())
     report["toxic"] = name
     report["toxic_sweep"] = {
         "seconds": round(time.monotonic() - started, 1),
@@ -127,9 +129,8 @@ def test_sweeps_through_toxics(
     report["problems"] = problems
     assert not problems, "\n".join(problems)
     if name in BREAKING:
-        # Requests were retried: more HTTP attempts than a sweep without trouble sends (one
-        # listing, a parts listing per upload in scope, an abort and a verifying parts listing
-        # per eligible upload). A body cut mid-response shows as an attempt with status 200.
-        first = records[0]
-        clean = 1 + len(first.eligible_before) + len(population.active) + 2 * len(first.gone)
-        assert sent > clean, f"the {name} toxic broke no request: {report['toxic_sweep']}"
+        # Requests were broken and retried: attempts that got no usable answer (a connection
+        # closed or reset, a timeout, a body cut short), each shown under its own code. (How
+        # many requests a clean sweep sends depends on how many aborts its listings proved.)
+        broken = {f"{op} {code}": n for (op, code), n in attempts.items() if code not in OK_CODES}
+        assert broken, f"the {name} toxic broke no request: {report['toxic_sweep']}"

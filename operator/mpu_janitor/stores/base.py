@@ -72,6 +72,9 @@ class UploadPage:
 
     uploads: Sequence[Upload]
     server_time: datetime | None
+    # Where this page sits in the store's listing, opaque to the engine: a store that can prove
+    # aborts gone by listing again (``BulkVerifier``) is handed it back with each upload.
+    position: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,34 @@ class AbortRefused(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ListingProof:
+    """What one verifying listing proved: the ids it proves gone, and how many uploads it
+    listed (its cost, which sets how large the engine lets the next batch grow)."""
+
+    gone: frozenset[str]
+    listed: int
+
+
+class BulkVerifier(Protocol):
+    """A store whose listing is consistent enough to prove many aborts gone at once.
+
+    ``proven_gone`` lists the range of the container that the given uploads were listed in
+    (each with the ``position`` of its page) and returns the ids of those the listing proves
+    gone (and the number of uploads it listed): a listing that would have shown the upload had
+    it still existed, and did not. Every upload it cannot vouch for (outside the range it
+    listed, a listing that may be partial, a store or bucket where a listing proves nothing) is
+    left out, and the engine verifies it one by one with its parts listing. Each page request
+    goes through ``pace``."""
+
+    def proven_gone(
+        self,
+        container: str,
+        uploads: Sequence[tuple[Upload, object]],
+        pace: Pace = unpaced,
+    ) -> ListingProof: ...
 
 
 class Store(Protocol):

@@ -39,12 +39,17 @@ class S3Profile:
     # Listing quirks (read by stores/s3.py; see the header of profiles.yaml).
     url_encoding: str = "echoed"
     list_parts_gone_codes: tuple[str, ...] = ()
+    listing_proves_gone: str = "never"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoint_domains", tuple(self.endpoint_domains))
         if self.url_encoding not in ("echoed", "keys_only"):
             raise ValueError(f"profile {self.name}: url_encoding {self.url_encoding!r}")
         object.__setattr__(self, "list_parts_gone_codes", tuple(self.list_parts_gone_codes))
+        if self.listing_proves_gone not in ("never", "consistent", "node_table"):
+            raise ValueError(
+                f"profile {self.name}: listing_proves_gone {self.listing_proves_gone!r}"
+            )
 
     def bucket_name_problem(self, bucket: str) -> str | None:
         """Why this provider would reject the bucket name, or None."""

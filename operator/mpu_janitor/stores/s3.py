@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +30,7 @@ from mpu_janitor.stores.base import (
     AccessDenied,
     ContainerNotFound,
     InvalidTarget,
+    ListingProof,
     Pace,
     PartsSummary,
     RequestObserver,
@@ -43,6 +46,7 @@ from mpu_janitor.stores.base import (
 )
 from mpu_janitor.stores.identity import s3_target_id
 from mpu_janitor.stores.profiles import S3Profile, profile
+from mpu_janitor.stores.streamed_listing import ListingSpill, installed, stream_listing_handler
 
 PAGE_SIZE = 1000
 # Truncated listing pages in a row that list no upload before the listing is called stuck.
@@ -161,6 +165,30 @@ def translate_error(error: Exception, container: str | None) -> Exception:
     return translate_transport_error(error, container)
 
 
+_LISTINGS = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class _Position:
+    """Where a listing page sits: its prefix, the markers it was asked from (None: the top),
+    the node that answered it (``x-amz-id-2``) and its Date."""
+
+    listing: int  # one pass over one prefix of a container
+    page: int  # its place in that pass
+    prefix: str
+    marker: tuple[str, str] | None
+    node: str | None
+    server_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    uploads: list[Upload]
+    server_time: datetime | None
+    position: _Position
+    truncated: bool
+
+
 class S3Store:
     """The buckets of one S3 target, behind one client."""
 
@@ -220,52 +248,74 @@ class S3Store:
         """Every page is one ListMultipartUploads request sent through ``pace``; the position
         lives in markers here, so a throttled page is retried alone. No ``Delimiter`` is ever
         sent (Ceph drops the uploads under a prefix when asked for one)."""
-        if self.profile.prefix_is_exact_key or not prefixes:
-            listing_prefixes = [""]
-        else:
-            listing_prefixes = minimal_prefixes(prefixes)
-        for prefix in listing_prefixes:
-            yield from self._list_prefix(container, prefix, pace)
+        for prefix in self._listing_prefixes(prefixes):
+            for listed in self._pages(container, prefix, pace):
+                yield UploadPage(listed.uploads, listed.server_time, listed.position)
 
-    def _list_prefix(self, bucket: str, prefix: str, pace: Pace) -> Iterator[UploadPage]:
+    def _listing_prefixes(self, prefixes: Sequence[str]) -> list[str]:
+        if self.profile.prefix_is_exact_key or not prefixes:
+            return [""]
+        return minimal_prefixes(prefixes)
+
+    def _pages(
+        self,
+        bucket: str,
+        prefix: str,
+        pace: Pace,
+        start: tuple[str, str] | None = None,
+    ) -> Iterator[_Listed]:
+        """The pages of one prefix's listing from ``start`` (the markers of a page listed
+        before, or the top), each with the position a later listing can start from."""
         directory = is_directory_bucket(bucket) and self.profile.directory_buckets
         params = self._common(bucket)
         params.update(MaxUploads=PAGE_SIZE, EncodingType="url")
         if prefix:
             params["Prefix"] = prefix
-        marker: tuple[str, str] | None = None  # (key marker, upload-id marker) of the next page
+        marker = start  # (key marker, upload-id marker) of the next page
         markers_seen: set[tuple[str, str]] = set()
         # The uploads already yielded for the newest key: a store whose KeyMarker is inclusive
         # (Ceph) may list them again on the next page.
         tail_key: str | None = None
         tail_ids: set[str] = set()
         empty_pages = 0
-        while True:
+        listing = next(_LISTINGS)
+        for number in itertools.count():
             request = dict(params)
             if marker is not None:
                 request["KeyMarker"] = marker[0]
                 if marker[1]:
                     request["UploadIdMarker"] = marker[1]
-            page = pace(
-                functools.partial(self._send, self.client.list_multipart_uploads, request, bucket)
-            )
-            decode_keys, decode_markers = self._encoded(page)
-            fresh: list[Upload] = []
-            for item in page.get("Uploads", []):
-                key = self._decoded(item["Key"], decode_keys, bucket)
-                if key != tail_key:
-                    tail_key, tail_ids = key, set()
-                elif item["UploadId"] in tail_ids:
-                    continue
-                tail_ids.add(item["UploadId"])
-                fresh.append(
-                    Upload(bucket, key, item["UploadId"], item["Initiated"].astimezone(UTC))
-                )
-            yield UploadPage(fresh, server_time(page, "S3"))
-            if not page.get("IsTruncated"):
+            with ListingSpill() as spill:
+                page = pace(functools.partial(self._send_listing, request, bucket, spill))
+                items = spill.uploads() if spill.used else iter(page.get("Uploads") or [])
+                decode_keys, decode_markers = self._encoded(page)
+                now = server_time(page, "S3")
+                node = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-id-2")
+                truncated = bool(page.get("IsTruncated"))
+                position = _Position(listing, number, prefix, marker, node, now)
+                last: dict[str, Any] | None = None
+                fresh: list[Upload] = []
+                listed_any = False
+                for item in items:
+                    last = item
+                    key = self._decoded(item["Key"], decode_keys, bucket)
+                    if key != tail_key:
+                        tail_key, tail_ids = key, set()
+                    elif item["UploadId"] in tail_ids:
+                        continue
+                    tail_ids.add(item["UploadId"])
+                    fresh.append(
+                        Upload(bucket, key, item["UploadId"], item["Initiated"].astimezone(UTC))
+                    )
+                    if len(fresh) >= PAGE_SIZE:  # one answer of a whole bucket (MinIO)
+                        yield _Listed(fresh, now, position, True)
+                        fresh, listed_any = [], True
+                listed_any = listed_any or bool(fresh)
+                yield _Listed(fresh, now, position, truncated)
+            if not truncated:
                 return  # Next markers without truncation (Ceph) mean nothing
-            empty_pages = 0 if fresh else empty_pages + 1
-            marker = self._next_marker(page, directory, decode_keys, decode_markers, bucket)
+            empty_pages = 0 if listed_any else empty_pages + 1
+            marker = self._next_marker(page, last, directory, decode_keys, decode_markers, bucket)
             if marker is None:
                 stuck = "a truncated page without a next marker"
             elif marker in markers_seen:
@@ -281,9 +331,96 @@ class S3Store:
                 )
             markers_seen.add(marker)
 
+    # -- proving many aborts gone with one listing (profiles.yaml listing_proves_gone) ---------
+
+    def proven_gone(
+        self,
+        container: str,
+        uploads: Sequence[tuple[Upload, object]],
+        pace: Pace = unpaced,
+    ) -> ListingProof:
+        """The ids among ``uploads`` that a fresh listing proves gone (see ``BulkVerifier``).
+        Only where the profile says a listing can prove it, never on directory buckets (their
+        listing is unsorted, with an opaque marker); an upload without a position of ours is
+        never vouched for."""
+        rule = self.profile.listing_proves_gone
+        if rule == "never" or (is_directory_bucket(container) and self.profile.directory_buckets):
+            return ListingProof(frozenset(), 0)
+        by_listing: dict[tuple[int, str], list[tuple[Upload, _Position]]] = {}
+        for upload, position in uploads:
+            if (
+                isinstance(position, _Position)
+                and upload.container == container
+                and upload.key.startswith(position.prefix)
+            ):
+                key = (position.listing, position.prefix)
+                by_listing.setdefault(key, []).append((upload, position))
+        gone: set[str] = set()
+        listed = 0
+        for (_, prefix), group in by_listing.items():
+            if rule == "consistent":
+                proof = self._gone_in_range(container, prefix, group, pace)
+            else:
+                proof = self._gone_from_node_table(container, prefix, group, pace)
+            gone |= proof.gone
+            listed += proof.listed
+        return ListingProof(frozenset(gone), listed)
+
+    def _gone_in_range(
+        self, bucket: str, prefix: str, group: list[tuple[Upload, _Position]], pace: Pace
+    ) -> ListingProof:
+        """A consistent, key-sorted listing: list again from the earliest page the uploads came
+        from (its own markers: the store's order, not ours) until past the last of their keys;
+        an upload in that range and not listed is gone."""
+        start = min((position for _, position in group), key=lambda p: p.page).marker
+        last_key = max(upload.key for upload, _ in group)
+        asked = {upload.upload_id for upload, _ in group}
+        still: set[str] = set()  # of those asked about: memory bounded by the batch
+        listed = 0
+        for page in self._pages(bucket, prefix, pace, start):
+            listed += len(page.uploads)
+            still.update(upload.upload_id for upload in page.uploads if upload.upload_id in asked)
+            if not page.truncated or (page.uploads and page.uploads[-1].key > last_key):
+                break  # every key up to last_key was listed (_pages raises if it is stuck)
+        return ListingProof(frozenset(asked - still), listed)
+
+    def _gone_from_node_table(
+        self, bucket: str, prefix: str, group: list[tuple[Upload, _Position]], pace: Pace
+    ) -> ListingProof:
+        """MinIO's bucket-wide listing is the answering node's in-memory table of the uploads
+        begun through it. Absence proves an upload gone only when every page of the new
+        listing comes from the node that listed the upload (``x-amz-id-2``) and that table
+        still holds an upload begun before the upload's own listing (a restart empties it)."""
+        asked = {upload.upload_id for upload, _ in group}
+        still: set[str] = set()  # of those asked about: memory bounded by the batch
+        listed = 0
+        nodes: set[str | None] = set()
+        earliest: datetime | None = None
+        for page in self._pages(bucket, prefix, pace):
+            nodes.add(page.position.node)
+            listed += len(page.uploads)
+            for upload in page.uploads:
+                if upload.upload_id in asked:
+                    still.add(upload.upload_id)
+                if earliest is None or upload.initiated < earliest:
+                    earliest = upload.initiated
+        if len(nodes) != 1 or None in nodes or earliest is None:
+            return ListingProof(frozenset(), listed)
+        (node,) = nodes
+        gone = {
+            upload.upload_id
+            for upload, position in group
+            if upload.upload_id not in still
+            and position.node == node
+            and position.server_time is not None
+            and earliest < position.server_time
+        }
+        return ListingProof(frozenset(gone), listed)
+
     def _next_marker(
         self,
         page: dict[str, Any],
+        last: dict[str, Any] | None,
         directory: bool,
         decode_keys: bool,
         decode_markers: bool,
@@ -295,9 +432,7 @@ class S3Store:
         next_key = page.get("NextKeyMarker") or ""
         if directory:
             return (self._decoded(next_key, decode_markers, bucket), "") if next_key else None
-        uploads = page.get("Uploads") or []
-        if uploads:
-            last = uploads[-1]
+        if last is not None:  # the last upload of the answer
             return self._decoded(last["Key"], decode_keys, bucket), str(last["UploadId"])
         if not next_key:
             return None
@@ -326,6 +461,19 @@ class S3Store:
                 f"URL-encoded UTF-8: {value!r}",
                 container=bucket,
             ) from error
+
+    def _send_listing(
+        self, params: dict[str, Any], bucket: str, spill: ListingSpill
+    ) -> dict[str, Any]:
+        """One ListMultipartUploads request whose uploads are streamed into ``spill``
+        (stores/streamed_listing.py): memory stays flat however many one answer holds."""
+        self.client.meta.events.register(
+            "before-send.s3.ListMultipartUploads",
+            stream_listing_handler(self.client),
+            unique_id="mpu-janitor-streamed-listing",
+        )
+        with installed(spill):
+            return self._send(self.client.list_multipart_uploads, params, bucket)
 
     @staticmethod
     def _send(call: Any, params: dict[str, Any], container: str) -> dict[str, Any]:
