@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import os
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -28,7 +27,6 @@ from mpu_janitor.kube import NotFound
 from mpu_janitor.policy import Policy, parse_policy
 from mpu_janitor.stores import open_store
 from mpu_janitor.stores.base import StoreError
-from tests.support.controlplane import ManagedProcess, free_port, wait_for
 from tests.support.minio import MinioServer
 
 
@@ -114,38 +112,10 @@ class TlsMinio(MinioServer):
         (certs / "private.key").write_bytes(key_pem)
         self.certs = certs
 
-    def start(self) -> TlsMinio:
-        env = dict(os.environ)
-        env.update(
-            MINIO_ROOT_USER=self.access_key,
-            MINIO_ROOT_PASSWORD=self.secret_key,
-            MINIO_BROWSER="off",
-            MINIO_UPDATE="off",
-            MINIO_CI_CD="1",
-        )
-        data = self.workdir / "data"
-        data.mkdir()
-        self.process = ManagedProcess(
-            "minio-tls",
-            [
-                str(self.binary),
-                "server",
-                str(data),
-                "--address",
-                f"127.0.0.1:{self.port}",
-                "--console-address",
-                f"127.0.0.1:{free_port()}",
-                "--certs-dir",
-                str(self.certs),
-                "--quiet",
-            ],
-            self.workdir / "minio.log",
-            env,
-        )
-        wait_for(self._ready_tls, timeout=60, what=f"MinIO ready at {self.endpoint}")
-        return self
+    def extra_args(self) -> list[str]:
+        return ["--certs-dir", str(self.certs)]
 
-    def _ready_tls(self) -> bool:
+    def _ready(self) -> bool:
         assert self.process is not None
         if not self.process.running():
             raise RuntimeError(f"MinIO exited:\n{self.process.log_tail()}")

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import boto3
 import botocore.config
@@ -30,7 +30,7 @@ class MinioServer:
         self.secret_key = secrets.token_hex(16)
         self.process: ManagedProcess | None = None
 
-    def start(self) -> MinioServer:
+    def start(self) -> Self:
         env = dict(os.environ)
         env.update(
             MINIO_ROOT_USER=self.access_key,
@@ -51,6 +51,7 @@ class MinioServer:
                 f"127.0.0.1:{self.port}",
                 "--console-address",
                 f"127.0.0.1:{free_port()}",
+                *self.extra_args(),
                 "--quiet",
             ],
             self.workdir / "minio.log",
@@ -58,6 +59,10 @@ class MinioServer:
         )
         wait_for(self._ready, timeout=60, what=f"MinIO ready at {self.endpoint}")
         return self
+
+    def extra_args(self) -> list[str]:
+        """More `minio server` arguments (a subclass's, e.g. --certs-dir)."""
+        return []
 
     def _ready(self) -> bool:
         assert self.process is not None
