@@ -64,11 +64,14 @@ def running_operator(
     peering: str | None = None,
     priority: int | None = None,
     extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    verbose: bool = False,
 ) -> Iterator[Operator]:
     port = free_port()
     log = tmp / f"operator-{port}.log"
     args = [
         "mpu-janitor",
+        *(["-v"] if verbose else []),
         "operator",
         "--metrics-address",
         "127.0.0.1",
@@ -78,6 +81,7 @@ def running_operator(
     args += ["--peering", peering] if peering else ["--standalone"]
     for namespace in namespaces:
         args += ["--namespace", namespace]
+    args += extra_args or []
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), **(extra_env or {})}
     if priority is not None:
         env["MPU_JANITOR_PRIORITY"] = str(priority)
