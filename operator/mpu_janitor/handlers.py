@@ -297,7 +297,9 @@ def configure_logging(*, verbose: bool, log_format: str = "text") -> None:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             force=True,
         )
-    for noisy in ("botocore", "urllib3", "aiohttp.access"):
+    # kubernetes_asyncio logs every response body at debug: Secrets included, with their
+    # values in base64 and often in plain text (kubectl's last-applied annotation).
+    for noisy in ("botocore", "urllib3", "aiohttp.access", "kubernetes_asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_redaction()  # secret values and signatures never reach a log line
 
