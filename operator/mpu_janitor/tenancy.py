@@ -7,6 +7,7 @@ No Kopf, no Prometheus, no store code: the scheduler asks, the CLI and the opera
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 import os
@@ -233,10 +234,15 @@ class KnownSecrets:
 
     def add(self, *values: str | None, ttl: float | None = None) -> None:
         deadline = None if ttl is None else self._clock() + ttl
+        # Each value as given and base64-encoded, the way a Secret's data holds it.
+        spellings = [
+            spelling
+            for value in values
+            if value and len(value) >= 6
+            for spelling in (value, base64.b64encode(value.encode()).decode())
+        ]
         with self._lock:
-            for value in values:
-                if not value or len(value) < 6:
-                    continue
+            for value in spellings:
                 current = self._values.get(value, 0.0)
                 if current is None or deadline is None:
                     self._values[value] = None

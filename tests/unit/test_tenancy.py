@@ -481,3 +481,15 @@ def test_credential_like_text_is_scrubbed_even_when_its_value_is_unknown(line: s
     text = scrub(line)
     for secret in ("UNKNOWNtok3n", "AKIAUNKNOWN", "abcdef0123456789", "OlVOS05PV050b2szbg"):
         assert secret not in text, text
+
+
+def test_a_known_secret_is_scrubbed_in_base64_too() -> None:
+    """A Secret's data is base64: a client that logs the Secret it read (as the Kubernetes
+    client does at debug) must not carry the value past the filter in that spelling."""
+    from mpu_janitor.tenancy import REDACTED, KnownSecrets
+
+    known = KnownSecrets()
+    known.add("plantedSecretValue-42")
+    line = 'body: {"data": {"AWS_SECRET_ACCESS_KEY": "cGxhbnRlZFNlY3JldFZhbHVlLTQy"}}'
+    assert "cGxhbnRlZFNlY3JldFZhbHVlLTQy" not in known.replace(line)
+    assert REDACTED in known.replace(line)
