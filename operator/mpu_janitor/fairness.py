@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mpu_janitor.pacing import SharedRate
 from mpu_janitor.stores.base import Pace, PartsSummary, Store, Upload, UploadPage, unpaced
@@ -136,6 +136,18 @@ class NamespacePacedStore:
 
     def close(self) -> None:
         self._store.close()
+
+    def __getattr__(self, name: str) -> Any:
+        """What else the store can do, paced the same way: ``proven_gone`` (one listing proving
+        many aborts gone) only where the store has it, so a store without stays without."""
+        if name == "proven_gone":
+            inner = self._store.proven_gone  # AttributeError: the store has none
+
+            def proven_gone(container: str, uploads: Any, pace: Pace = unpaced) -> Any:
+                return inner(container, uploads, self._wrap(pace))
+
+            return proven_gone
+        raise AttributeError(name)
 
     def _wrap(self, pace: Pace) -> Pace:
         rate, cancel = self._rate, self._cancel
