@@ -141,7 +141,7 @@ class NamespacePacedStore:
         """What else the store can do, paced the same way: ``proven_gone`` (one listing proving
         many aborts gone) only where the store has it, so a store without stays without."""
         if name == "proven_gone":
-            inner = self._store.proven_gone  # AttributeError: the store has none
+            inner = getattr(self._store, name)  # AttributeError: the store has none
 
             def proven_gone(container: str, uploads: Any, pace: Pace = unpaced) -> Any:
                 return inner(container, uploads, self._wrap(pace))
