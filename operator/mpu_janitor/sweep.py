@@ -511,10 +511,15 @@ class _Sweep:
                     self.issue(refused.reason, str(refused), container)
                     return Fate.KEPT
                 except StoreError as error:
-                    # No usable answer: no connection, a timeout, or a server error after the
-                    # client's retries (an earlier attempt may have been carried out and its
-                    # answer lost). A refusal (AccessDenied, ...) is an answer: it fails.
-                    if not inconclusive(error):
+                    # No usable answer: no connection or a timeout; and, where a listing can
+                    # read the store's state back (S3 stores: BulkVerifier), a server error
+                    # after the client's retries (an earlier attempt may have been carried out
+                    # and its answer lost). A refusal (AccessDenied, ...) is an answer: it
+                    # fails. LILT and Glacier keep their documented outcome of a server error:
+                    # failed, cancelled again on a later sweep.
+                    if not inconclusive(error) or (
+                        self.bulk is None and not isinstance(error, StoreUnreachable)
+                    ):
                         raise
                     last_error = error
                     log.info("abort of %s got no usable answer (%s); verifying", upload.key, error)
