@@ -5,8 +5,6 @@ kubernetes_asyncio) against the real API: Secrets, status merge patches, errors,
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -31,8 +29,9 @@ from tests.e2e.test_operator_e2e import (
     status,
 )
 from tests.integration.helpers import make_upload, open_uploads
-from tests.support.controlplane import ControlPlane, free_port, wait_for
+from tests.support.controlplane import ControlPlane, wait_for
 from tests.support.minio import MinioServer
+from tests.support.operator import running_operator
 
 EXEC_API = "client.authentication.k8s.io/v1"
 
@@ -100,32 +99,9 @@ def exec_kubeconfig(plane: ControlPlane, directory: Path) -> tuple[Path, Path]:
 def operator_with_context(
     kubeconfig: Path, context: str, namespace: str, directory: Path
 ) -> Iterator[Operator]:
-    port = free_port()
-    log = directory / f"operator-{port}.log"
-    args = ["mpu-janitor", "operator", "--context", context, "--namespace", namespace]
-    args += ["--standalone", "--metrics-address", "127.0.0.1", "--metrics-port", str(port)]
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    operator = Operator(process, port, log)
-    try:
-        wait_for(
-            lambda: operator.healthy() or process.poll() is not None,
-            timeout=60,
-            what="operator /healthz",
-        )
-        assert process.poll() is None, operator.output()
+    extra = ["--context", context]
+    with running_operator(kubeconfig, [namespace], directory, extra_args=extra) as operator:
         yield operator
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    assert process.returncode in (0, -15), operator.output()[-3000:]
 
 
 def test_operator_logs_in_through_an_exec_plugin(

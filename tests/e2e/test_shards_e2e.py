@@ -5,10 +5,8 @@ over (swept by the new shard, forgotten by the old)."""
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,39 +26,16 @@ from tests.e2e.test_operator_e2e import (
     status,
 )
 from tests.integration.helpers import make_upload, open_uploads
-from tests.support.controlplane import ControlPlane, free_port, wait_for
+from tests.support.controlplane import ControlPlane, wait_for
 from tests.support.minio import MinioServer
+from tests.support.operator import running_operator
 
 
 @contextmanager
 def shard(kubeconfig: Path, tmp: Path, selector: str, peering: str) -> Iterator[Operator]:
-    """``mpu-janitor operator --all-namespaces --selector ... --peering ...``."""
-    port = free_port()
-    log = tmp / f"operator-{peering}.log"
-    args = ["mpu-janitor", "operator", "--all-namespaces", "--selector", selector]
-    args += ["--peering", peering, "--metrics-address", "127.0.0.1", "--metrics-port", str(port)]
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    operator = Operator(process, port, log)
-    try:
-        wait_for(
-            lambda: operator.healthy() or process.poll() is not None,
-            timeout=60,
-            what=f"shard {selector} /healthz",
-        )
-        assert process.poll() is None, operator.output()
+    extra = ["--all-namespaces", "--selector", selector]
+    with running_operator(kubeconfig, [], tmp, peering=peering, extra_args=extra) as operator:
         yield operator
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    assert process.returncode in (0, -15), operator.output()[-3000:]
 
 
 def identity(operator: Operator) -> str:
