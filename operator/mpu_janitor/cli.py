@@ -87,6 +87,30 @@ def load_policy_file(path: str) -> Policy:
     return parse_policy(policies[0])
 
 
+def note_cluster_fields(policy: Policy, err: TextIO) -> None:
+    """Say which of the policy's Kubernetes references this command does not use (it reads no
+    Kubernetes object), and what it uses instead: one line each, on stderr."""
+    store = policy.store
+    chain = (
+        "this command uses the standard AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+        "AWS_ROLE_ARN with AWS_WEB_IDENTITY_TOKEN_FILE, ...)"
+    )
+    unused = []
+    if store.credentials_secret_ref is not None:
+        unused.append(("credentialsSecretRef", chain))
+    if store.workload_identity is not None:
+        unused.append(("serviceAccountRef", chain))
+    if store.ca_bundle_ref is not None:
+        unused.append(
+            ("caBundleSecretRef", "this command trusts AWS_CA_BUNDLE if set, else the system CAs")
+        )
+    for field, instead in unused:
+        err.write(
+            f"note: spec.store.{field} is read by the operator and not used by the command "
+            f"line: {instead}\n"
+        )
+
+
 def cli_credentials() -> StoreCredentials | None:
     """The CLI uses the standard AWS chain (env, profile, IRSA); LILT reads LILT_API_KEY."""
     api_key = os.environ.get("LILT_API_KEY")
@@ -209,6 +233,7 @@ def stop_on_signals(err: TextIO) -> Iterator[tuple[SignalledEvent, list[int]]]:
 
 def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     policy = load_policy_file(args.file)
+    note_cluster_fields(policy, err)
     if args.dry_run:
         policy = replace(policy, mode=Mode.DRY_RUN)
     store = open_store(policy.store, cli_credentials())
@@ -237,6 +262,7 @@ def command_sweep(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def command_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Streams the inventory: rows are printed as they are measured, never all held at once."""
     policy = load_policy_file(args.file)
+    note_cluster_fields(policy, err)
     store = open_store(policy.store, cli_credentials())
     json_output = args.output == "json"
     width = max([len(b) for b in (policy.store.s3.buckets if policy.store.s3 else ())] + [12])
