@@ -565,7 +565,16 @@ class Scheduler:
                     locks = SlotLocks(
                         self.locks, self.slots, lambda change: self._park(change, loop)
                     )
-                    return run_sweep(policy, store, cancel=cancel, progress=progress, locks=locks)
+                    # Aborts are proven (and so reach a checkpoint) within half a checkpoint
+                    # interval: a killed operator loses at most about one interval of them.
+                    return run_sweep(
+                        policy,
+                        store,
+                        cancel=cancel,
+                        progress=progress,
+                        locks=locks,
+                        verify_within=self.progress_seconds / 2,
+                    )
                 finally:
                     store.close()
             finally:

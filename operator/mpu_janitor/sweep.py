@@ -14,6 +14,7 @@ import enum
 import functools
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -312,8 +313,23 @@ NO_CLOCK_MESSAGE = (
 class _Sweep:
     """The state of one running sweep (shared by its worker threads under one lock)."""
 
-    def __init__(self, policy: Policy, store: Store, cancel: threading.Event) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        store: Store,
+        cancel: threading.Event,
+        progress: ProgressCallback | None = None,
+        verify_within: float | None = None,
+    ) -> None:
         self.policy = policy
+        self.progress = progress
+        # A batch of aborts is proven no later than this after its first abort was answered
+        # (None: when it is full, or at the container's end): the operator's checkpoints then
+        # hold every abort answered more than this before them, so a killed process loses
+        # no more than that (its next sweep lists nothing of an abort it made).
+        self.verify_within = verify_within
+        self.batch_timer: threading.Timer | None = None
+        self.aged_batches = 0  # batches being proven by their timer, under the lock
         self.store = store
         self.cancel = cancel
         self.pacer = Pacer(policy.limits.requests_per_second, cancel=cancel)
@@ -573,14 +589,44 @@ class _Sweep:
         with self.lock:
             self.unverified.append(item)
             if len(self.unverified) < self.batch_size():
+                if len(self.unverified) == 1 and self.verify_within is not None:
+                    self.batch_timer = threading.Timer(
+                        self.verify_within, self._verify_aged, args=(self.unverified,)
+                    )
+                    self.batch_timer.daemon = True
+                    self.batch_timer.start()
                 return
-            batch, self.unverified = self.unverified, []
+            batch = self._take_batch()
         self.verify_batch(batch)
+
+    def _take_batch(self) -> list[_Unverified]:
+        """The pending batch, replaced by an empty one (under the lock)."""
+        batch, self.unverified = self.unverified, []
+        if self.batch_timer is not None:
+            self.batch_timer.cancel()
+            self.batch_timer = None
+        return batch
+
+    def _verify_aged(self, batch: list[_Unverified]) -> None:
+        """``verify_within`` after a batch's first abort: prove it now, full or not (unless it
+        was taken meanwhile), and report the counts (a checkpoint may be due)."""
+        with self.lock:
+            if self.unverified is not batch or not batch:
+                return
+            self._take_batch()
+            self.aged_batches += 1
+        try:
+            self.verify_batch(batch)
+        finally:
+            with self.lock:
+                self.aged_batches -= 1
+        if self.progress is not None:
+            self.progress(self.result)
 
     def flush_unverified(self) -> None:
         """Verify what is left in the batch (the end of a container, or a stop order)."""
         with self.lock:
-            batch, self.unverified = self.unverified, []
+            batch = self._take_batch()
         if batch:
             self.verify_batch(batch)
 
@@ -702,8 +748,11 @@ class _Sweep:
                     pending = list(futures)
                 if not pending:
                     with self.lock:
-                        if not self.unproven:
+                        if not self.unproven and not self.aged_batches:
                             return
+                        proving = not self.unproven
+                    if proving:  # a batch proven by its timer: its leftovers come next
+                        time.sleep(0.01)
                     continue
                 pending[0].result()
 
@@ -711,7 +760,7 @@ class _Sweep:
             self.stats(container)
             self.listed = 0
             self.last_listing = 0
-            self.unverified = []
+            self._take_batch()
         pages = self.store.list_uploads(container, self.policy.match.prefixes, self.listing_pace)
         try:
             for page in pages:
@@ -754,11 +803,14 @@ def run_sweep(
     cancel: threading.Event | None = None,
     progress: ProgressCallback | None = None,
     locks: TargetLocks = TARGET_LOCKS,
+    verify_within: float | None = None,
 ) -> SweepResult:
     """One sweep of every bucket or vault of a policy. Never raises for store trouble: every
-    failure is counted and described in the result."""
+    failure is counted and described in the result. ``verify_within``: seconds after which an
+    answered abort waiting for its batch's listing is proven anyway (the operator's checkpoint
+    interval); None: batches are proven when full and at each container's end."""
     cancel = cancel or threading.Event()
-    sweep = _Sweep(policy, store, cancel)
+    sweep = _Sweep(policy, store, cancel, progress, verify_within)
     result = sweep.result
     if progress is not None:
         progress(result)  # from the start: a live display reads the counts as they change

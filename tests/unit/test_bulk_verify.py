@@ -190,3 +190,54 @@ def test_uploads_outside_the_batch_are_never_counted_from_a_listing() -> None:
     store.add("young", age=H, parts=[6])
     result = run_sweep(policy(), store)
     assert result.total("aborted") == 1 and result.freed_bytes == 5
+
+
+@dataclass
+class StallingStore(ListingStore):
+    """Aborts answer at once until ``answered`` have; the next ones hang until ``resume`` is
+    set: a sweep stuck (or killed) mid-way, with answered aborts waiting for their batch."""
+
+    answered: int = 0
+    resume: threading.Event | None = None
+
+    def abort(self, upload: Upload) -> None:
+        with self.lock:
+            stall = calls(self, "abort") >= self.answered
+        if stall:
+            assert self.resume is not None
+            self.resume.wait(30)
+        super().abort(upload)
+
+
+def test_answered_aborts_are_proven_and_counted_within_the_checkpoint_time() -> None:
+    """An abort answered but waiting for its batch is not in the totals: a process killed then
+    loses it (the next sweep lists nothing of it). With ``verify_within`` (the operator passes
+    its checkpoint interval) a batch is proven no later than that after its first abort, even
+    when no further abort comes to fill it: a kill loses at most a checkpoint's worth."""
+    answered = BULK_VERIFY_MIN_BATCH // 2  # never a full batch
+    resume = threading.Event()
+    store = StallingStore(answered=answered, resume=resume)
+    for index in range(answered + 4):
+        store.add(f"k{index:04}", age=48 * H, parts=[1])
+    counted = threading.Event()
+
+    def progress(result: Any) -> None:
+        if result.freed_bytes >= answered:
+            counted.set()
+
+    outcome: list[Any] = []
+    sweeper = threading.Thread(
+        target=lambda: outcome.append(
+            run_sweep(
+                policy(limits={"concurrency": 2}), store, progress=progress, verify_within=0.2
+            )
+        )
+    )
+    sweeper.start()
+    try:
+        # The sweep is stuck on its next aborts; the answered ones must still be counted.
+        assert counted.wait(10), f"nothing counted while stalled ({store.listings} listings)"
+    finally:
+        resume.set()
+        sweeper.join(30)
+    assert outcome and outcome[0].freed_bytes == answered + 4 and store.uploads == {}
