@@ -37,6 +37,21 @@ class SeenRequest:
         return self.method == "GET" and self.upload_id is not None
 
 
+def relay_answer(
+    handler: BaseHTTPRequestHandler, response: http.client.HTTPResponse, data: bytes
+) -> None:
+    """Send an upstream's answer on: its status, its end-to-end headers, its body (read whole,
+    so the length is known)."""
+    handler.send_response_only(response.status, response.reason)
+    for name, value in response.getheaders():
+        if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+            handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     fake: CountingProxy  # set by FakeHTTPService.start
@@ -67,14 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(502)
             return
         seen.answered, seen.status = time.monotonic(), response.status
-        self.send_response_only(response.status, response.reason)
-        for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        relay_answer(self, response, data)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

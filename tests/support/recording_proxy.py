@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from moto.server import ThreadedMotoServer
 
-from tests.support.counting_proxy import HOP_BY_HOP
+from tests.support.counting_proxy import HOP_BY_HOP, relay_answer
 from tests.support.fake_http import FakeHTTPService
 
 _CREDENTIAL = re.compile(r"Credential=([^/]+)/")
@@ -77,14 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.record(
             Recorded(self.command, self.path, dict(headers), body, response.status, data)
         )
-        self.send_response_only(response.status, response.reason)
-        for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        relay_answer(self, response, data)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
