@@ -14,8 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -125,21 +123,8 @@ class TlsMinio(MinioServer):
         except Exception:
             return False
 
-    def client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            verify=str(self.ca_file),
-            config=botocore.config.Config(
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                retries={"max_attempts": 0},
-            ),
-        )
+    def client(self, **config: Any) -> Any:
+        return super().client(verify=str(self.ca_file), retries={"max_attempts": 0}, **config)
 
 
 @pytest.fixture(scope="module")

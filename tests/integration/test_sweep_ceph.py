@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import pytest
@@ -378,19 +377,7 @@ DECOY = "pctA plus  space"
 
 def raw_client(server: Server) -> Any:
     """A client that sends once (a 500 is not retried, so nothing is created twice)."""
-    return boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-        config=botocore.config.Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"total_max_attempts": 1},
-        ),
-    )
+    return server.client(retries={"total_max_attempts": 1})
 
 
 def create_hostile(s3: Any, bucket: str, key: str, size: int) -> str:

@@ -24,12 +24,9 @@ import urllib.request
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any
-
-import boto3
-import botocore.config
 
 from tests.support.controlplane import REPO_ROOT, ManagedProcess, free_port, wait_for
+from tests.support.s3_access import S3Access
 
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-ceph.sh"
 BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "monmaptool")
@@ -85,7 +82,7 @@ def _stop_leftovers() -> None:
         cluster.stop()
 
 
-class CephCluster:
+class CephCluster(S3Access):
     """One mon, one memstore OSD and one radosgw, with an S3 user, on free 127.0.0.1 ports."""
 
     def __init__(self) -> None:
@@ -302,28 +299,3 @@ rgw data = {root}/rgw
                 return False
 
         wait_for(serving, timeout=90, interval=0.1, what=f"radosgw at {self.endpoint}")
-
-    # -- clients -------------------------------------------------------------------------
-    def env(self) -> dict[str, str]:
-        """Environment for a CLI subprocess using the standard AWS credential chain."""
-        return {
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-
-    def client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=botocore.config.Config(
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                max_pool_connections=32,
-            ),
-        )

@@ -8,17 +8,15 @@ import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Any, Self
-
-import boto3
-import botocore.config
+from typing import Self
 
 from tests.support.controlplane import ManagedProcess, ensure_binaries, free_port, wait_for
+from tests.support.s3_access import S3Access
 
 ROOT_USER = "janitor-admin"
 
 
-class MinioServer:
+class MinioServer(S3Access):
     """One MinIO process with its own data directory, stopped by PID."""
 
     def __init__(self) -> None:
@@ -73,30 +71,6 @@ class MinioServer:
                 return bool(r.status == 200)
         except OSError:
             return False
-
-    def env(self) -> dict[str, str]:
-        """Environment for a CLI subprocess using the standard AWS credential chain."""
-        return {
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-
-    def client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name="us-east-1",
-            config=botocore.config.Config(
-                s3={"addressing_style": "path"},
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                max_pool_connections=32,
-            ),
-        )
 
     def stop(self) -> None:
         if self.process is not None:
