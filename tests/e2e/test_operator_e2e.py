@@ -18,6 +18,7 @@ from tests.support.minio import MinioServer
 from tests.support.operator import (
     REPO,
     Operator,
+    add_peering,
     add_secret,
     apply,
     events,
@@ -417,23 +418,7 @@ def test_peering_keeps_one_replica_sweeping(
 ) -> None:
     plane = control_plane
     plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    plane.kubectl(
-        "apply",
-        "--server-side",
-        "-f",
-        str(REPO / "charts" / "mpu-janitor" / "crds" / "kopf-peerings.yaml"),
-    )
-    plane.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev"
-    )
-    apply(
-        plane,
-        {
-            "apiVersion": "kopf.dev/v1",
-            "kind": "KopfPeering",
-            "metadata": {"name": "janitors", "namespace": namespace},
-        },
-    )
+    add_peering(plane, namespace, "janitors")
     add_secret(plane, namespace, minio)
 
     def swept_by(operator: Operator) -> bool:

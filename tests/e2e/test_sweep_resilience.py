@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from tests.support.controlplane import ControlPlane, wait_for
 from tests.support.counting_proxy import CountingProxy, SeenRequest
 from tests.support.minio import MinioServer
 from tests.support.operator import (
-    REPO,
+    Operator,
+    add_peering,
     add_secret,
     apply,
     apply_crds,
@@ -33,6 +35,7 @@ from tests.support.operator import (
 AGE = 3.5  # seconds: older than the policies' olderThan of 2s on MinIO's 1 s Date clock
 CHECKPOINT_SECONDS = 1.0
 DOWN_SECONDS = 5.0  # how long the restarted component stays stopped
+FAILOVER_RPS = 100  # the failover policy's requestsPerSecond
 
 
 def sized(prefix: str, count: int) -> dict[str, int]:
@@ -174,6 +177,81 @@ def runs(requests: list[SeenRequest]) -> list[tuple[str, float, float]]:
     return grouped
 
 
+@dataclass
+class Failover:
+    """Two or more peered operators sweeping one policy through a proxy that records who sent
+    each request (every replica has its own User-Agent app id)."""
+
+    plane: ControlPlane
+    namespace: str
+    bucket: str
+    tmp_path: Path
+    proxy: CountingProxy
+    eligible: dict[str, int]  # key: size, under tmp/
+    eligible_ids: set[tuple[str, str]]
+    kept: set[tuple[str, str]]  # under keep/: never touched
+
+    @property
+    def truth(self) -> int:
+        return sum(self.eligible.values())
+
+    def replica(self, stack: ExitStack, name: str, priority: int) -> Operator:
+        env = {"MPU_JANITOR_PROGRESS_SECONDS": str(CHECKPOINT_SECONDS), "AWS_SDK_UA_APP_ID": name}
+        return stack.enter_context(
+            running_operator(
+                self.plane.kubeconfig,
+                [self.namespace],
+                self.tmp_path,
+                peering="janitors",
+                priority=priority,
+                extra_env=env,
+            )
+        )
+
+    def aborts_by(self, name: str) -> int:
+        return sum(1 for r in self.proxy.requests if r.is_abort and f"app/{name}" in r.agent)
+
+    def peers(self) -> int:
+        found = self.plane.kubectl_json("get", "kopfpeering", "janitors", "-n", self.namespace)
+        return len(found.get("status") or {})
+
+    def start_sweep(self) -> None:
+        spec = {
+            "match": {"olderThan": "2s", "quietPeriod": "0s", "prefixes": ["tmp/"]},
+            "limits": {"requestsPerSecond": FAILOVER_RPS, "concurrency": 2},
+        }
+        apply(self.plane, policy("shared", self.namespace, self.proxy.url, self.bucket, **spec))
+
+    def sweep_done(self, s3: Any) -> None:
+        wait_for(
+            lambda: (
+                finished_sweeps(self.plane, self.namespace, "shared")
+                and not open_under(s3, self.bucket, "tmp/")
+            ),
+            timeout=240,
+            what="the sweep to complete",
+        )
+
+
+def failover(
+    plane: ControlPlane,
+    namespace: str,
+    minio: MinioServer,
+    s3: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> Failover:
+    apply_crds(plane)
+    add_peering(plane, namespace, "janitors")
+    add_secret(plane, namespace, minio)
+    eligible = sized("tmp/", 1200)
+    kept = make_sized_uploads(s3, bucket, sized("keep/", 100))
+    eligible_ids = make_sized_uploads(s3, bucket, eligible)
+    time.sleep(AGE)
+    proxy = CountingProxy(minio.endpoint).start()
+    return Failover(plane, namespace, bucket, tmp_path, proxy, eligible, eligible_ids, kept)
+
+
 def test_peering_failover_mid_sweep_keeps_one_sweeper(
     control_plane: ControlPlane,
     namespace: str,
@@ -187,109 +265,124 @@ def test_peering_failover_mid_sweep_keeps_one_sweeper(
     one sender at a time (a proxy records every request and who sent it), each upload is
     aborted exactly once, and the totals equal the freed bytes."""
     plane = control_plane
-    apply_crds(plane)
-    plane.kubectl(
-        "apply",
-        "--server-side",
-        "-f",
-        str(REPO / "charts" / "mpu-janitor" / "crds" / "kopf-peerings.yaml"),
-    )
-    plane.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev"
-    )
-    apply(
-        plane,
-        {
-            "apiVersion": "kopf.dev/v1",
-            "kind": "KopfPeering",
-            "metadata": {"name": "janitors", "namespace": namespace},
-        },
-    )
-    add_secret(plane, namespace, minio)
-    eligible = sized("tmp/", 1200)
-    kept = make_sized_uploads(s3, bucket, sized("keep/", 100))
-    eligible_ids = make_sized_uploads(s3, bucket, eligible)
-    truth = sum(eligible.values())
-    time.sleep(AGE)
-    proxy = CountingProxy(minio.endpoint).start()
-
-    def replica(stack: ExitStack, name: str, priority: int) -> Any:
-        env = {"MPU_JANITOR_PROGRESS_SECONDS": str(CHECKPOINT_SECONDS), "AWS_SDK_UA_APP_ID": name}
-        return stack.enter_context(
-            running_operator(
-                plane.kubeconfig,
-                [namespace],
-                tmp_path,
-                peering="janitors",
-                priority=priority,
-                extra_env=env,
-            )
-        )
-
-    def aborts_by(name: str) -> int:
-        return sum(1 for r in proxy.requests if r.is_abort and f"app/{name}" in r.agent)
-
-    def peers() -> int:
-        found = plane.kubectl_json("get", "kopfpeering", "janitors", "-n", namespace)
-        return len(found.get("status") or {})
-
-    spec = {
-        "match": {"olderThan": "2s", "quietPeriod": "0s", "prefixes": ["tmp/"]},
-        "limits": {"requestsPerSecond": 100, "concurrency": 2},
-    }
+    run = failover(plane, namespace, minio, s3, bucket, tmp_path)
     started = time.monotonic()
     try:
         with ExitStack() as stack:
-            replica(stack, "replica-b", 100)
-            first = replica(stack, "replica-a", 200)
-            wait_for(lambda: peers() == 2, timeout=30, what="both replicas in the peering")
-            apply(plane, policy("shared", namespace, proxy.url, bucket, **spec))
-            wait_for(lambda: aborts_by("replica-a") >= 200, timeout=90, what="replica-a sweeping")
+            run.replica(stack, "replica-b", 100)
+            first = run.replica(stack, "replica-a", 200)
+            wait_for(lambda: run.peers() == 2, timeout=30, what="both replicas in the peering")
+            run.start_sweep()
+            wait_for(
+                lambda: run.aborts_by("replica-a") >= 200, timeout=90, what="replica-a sweeping"
+            )
             assert first.terminate() == 0, first.output()[-3000:]
             wait_for(
-                lambda: aborts_by("replica-b") >= 300,
+                lambda: run.aborts_by("replica-b") >= 300,
                 timeout=120,
                 what="replica-b taking over the sweep",
             )
-            replica(stack, "replica-c", 300)  # a higher priority joins mid-sweep
-            wait_for(lambda: aborts_by("replica-c") > 0, timeout=90, what="replica-c taking over")
+            run.replica(stack, "replica-c", 300)  # a higher priority joins mid-sweep
             wait_for(
-                lambda: (
-                    finished_sweeps(plane, namespace, "shared")
-                    and not open_under(s3, bucket, "tmp/")
-                ),
-                timeout=240,
-                what="the sweep to complete",
+                lambda: run.aborts_by("replica-c") > 0, timeout=90, what="replica-c taking over"
             )
+            run.sweep_done(s3)
             with contextlib.suppress(AssertionError):  # what they reach is asserted below
                 wait_for(
                     lambda: (
-                        totals(plane, namespace, "shared").get("abortedUploads") == len(eligible)
+                        totals(plane, namespace, "shared").get("abortedUploads")
+                        == len(run.eligible)
                     ),
                     timeout=30,
                     what="the totals to reach every aborted upload",
                 )
             final = totals(plane, namespace, "shared")
     finally:
-        proxy.stop()
-    requests = proxy.requests
+        run.proxy.stop()
+    requests = run.proxy.requests
     turns = runs(requests)
     aborts = [r for r in requests if r.is_abort]
     aborted_ids = [r.upload_id for r in aborts]
-    counts = {name: aborts_by(name) for name in ("replica-a", "replica-b", "replica-c")}
+    counts = {name: run.aborts_by(name) for name in ("replica-a", "replica-b", "replica-c")}
     t0 = requests[0].received
     print(
-        f"\npeering failover: {len(eligible)} eligible + {len(kept)} kept uploads; aborts by "
-        f"replica {counts}; turns at the store (sender, first request, last answer; s) "
-        f"{len(turns)} {[(n, round(b - t0, 1), round(e - t0, 1)) for n, b, e in turns[:8]]}; "
-        f"truth {truth} bytes, status {final}; {time.monotonic() - started:.0f}s"
+        f"\npeering failover: {len(run.eligible)} eligible + {len(run.kept)} kept uploads; "
+        f"aborts by replica {counts}; turns at the store (sender, first request, last answer; "
+        f"s) {len(turns)} {[(n, round(b - t0, 1), round(e - t0, 1)) for n, b, e in turns[:8]]}; "
+        f"truth {run.truth} bytes, status {final}; {time.monotonic() - started:.0f}s"
     )
-    assert open_uploads_all(s3, bucket) == kept
+    assert open_uploads_all(s3, bucket) == run.kept
     # One sweeper at a time: one run of requests per turn, each over before the next begins.
     assert [name for name, _, _ in turns] == ["replica-a", "replica-b", "replica-c"], turns
     for (_, _, ended), (_, began, _) in itertools.pairwise(turns):
         assert ended < began, turns
     # Each upload aborted exactly once, and the totals say exactly what was freed.
-    assert sorted(aborted_ids) == sorted(upload for _, upload in eligible_ids)
+    assert sorted(aborted_ids) == sorted(upload for _, upload in run.eligible_ids)
     assert all(r.status == 204 for r in aborts)
-    assert final["freedBytes"] == truth
+    assert final["freedBytes"] == run.truth
+
+
+def test_sigkill_of_the_active_replica_hands_the_sweep_to_the_standby(
+    control_plane: ControlPlane,
+    namespace: str,
+    minio: MinioServer,
+    s3: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """The active replica is killed with SIGKILL mid-sweep: no clean-up, no goodbye in the
+    peering, no last status write. The standby waits out the dead peer's lifetime in the
+    peering and takes the sweep over. The store sees one sender at a time and ends exactly as
+    the policy says; the totals lose at most what the killed replica freed since its last
+    checkpoint (answered aborts waiting for a verifying listing included)."""
+    plane = control_plane
+    run = failover(plane, namespace, minio, s3, bucket, tmp_path)
+    started = time.monotonic()
+    try:
+        with ExitStack() as stack:
+            run.replica(stack, "replica-b", 100)
+            first = run.replica(stack, "replica-a", 200)
+            wait_for(lambda: run.peers() == 2, timeout=30, what="both replicas in the peering")
+            run.start_sweep()
+            wait_for(
+                lambda: run.aborts_by("replica-a") >= 200, timeout=90, what="replica-a sweeping"
+            )
+            first.kill()
+            killed_at = time.monotonic()
+            wait_for(
+                lambda: run.aborts_by("replica-b") > 0,
+                timeout=150,  # the dead peer's lifetime in the peering (Kopf: 60 s), and more
+                what="replica-b taking the sweep over",
+            )
+            takeover = time.monotonic() - killed_at
+            run.sweep_done(s3)
+            with contextlib.suppress(AssertionError):  # what they reach is asserted below
+                wait_for(
+                    lambda: totals(plane, namespace, "shared").get("freedBytes", 0) >= run.truth,
+                    timeout=10,
+                    what="the totals to reach every freed byte",
+                )
+            final = totals(plane, namespace, "shared")
+    finally:
+        run.proxy.stop()
+    turns = runs(run.proxy.requests)
+    counts = {name: run.aborts_by(name) for name in ("replica-a", "replica-b")}
+    print(
+        f"\nSIGKILL failover: {len(run.eligible)} eligible + {len(run.kept)} kept uploads; "
+        f"aborts by replica {counts}; the standby took over {takeover:.1f}s after the kill; "
+        f"turns {[n for n, _, _ in turns]}; truth {run.truth} bytes, status {final}; "
+        f"{time.monotonic() - started:.0f}s"
+    )
+    assert open_uploads_all(s3, bucket) == run.kept
+    assert [name for name, _, _ in turns] == ["replica-a", "replica-b"], turns
+    for (_, _, ended), (_, began, _) in itertools.pairwise(turns):
+        assert ended < began, turns
+    # Each upload aborted once: the standby lists what is left, so it never aborts again an
+    # upload the killed replica's abort removed (an abort cut by the kill may be sent again).
+    done = [r.upload_id for r in run.proxy.requests if r.is_abort and r.status == 204]
+    assert sorted(done) == sorted(upload for _, upload in run.eligible_ids)
+    # Never an upload counted twice; at most a checkpoint's worth lost: FAILOVER_RPS requests
+    # a second for a checkpoint's time.
+    assert final["freedBytes"] <= run.truth and final["abortedUploads"] <= len(run.eligible)
+    per_checkpoint = int(FAILOVER_RPS * CHECKPOINT_SECONDS * max(run.eligible.values()))
+    assert run.truth - final["freedBytes"] <= per_checkpoint, (run.truth, final)

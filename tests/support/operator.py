@@ -142,6 +142,27 @@ def apply_crds(plane: ControlPlane) -> None:
     )
 
 
+def add_peering(plane: ControlPlane, namespace: str, name: str) -> None:
+    """Kopf's peering CRD (as the chart ships it) and one namespaced peering object."""
+    plane.kubectl(
+        "apply",
+        "--server-side",
+        "-f",
+        str(REPO / "charts" / "mpu-janitor" / "crds" / "kopf-peerings.yaml"),
+    )
+    plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev"
+    )
+    apply(
+        plane,
+        {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "KopfPeering",
+            "metadata": {"name": name, "namespace": namespace},
+        },
+    )
+
+
 def add_secret(plane: ControlPlane, namespace: str, minio: MinioServer) -> None:
     apply(
         plane,
