@@ -215,12 +215,19 @@ class Failover:
         found = self.plane.kubectl_json("get", "kopfpeering", "janitors", "-n", self.namespace)
         return len(found.get("status") or {})
 
-    def start_sweep(self) -> None:
+    def two_replicas_sweeping(self, stack: ExitStack) -> Operator:
+        """replica-b (priority 100) and replica-a (200) in the peering, the policy applied,
+        and replica-a well into its sweep: replica-a is returned."""
+        self.replica(stack, "replica-b", 100)
+        first = self.replica(stack, "replica-a", 200)
+        wait_for(lambda: self.peers() == 2, timeout=30, what="both replicas in the peering")
         spec = {
             "match": {"olderThan": "2s", "quietPeriod": "0s", "prefixes": ["tmp/"]},
             "limits": {"requestsPerSecond": FAILOVER_RPS, "concurrency": 2},
         }
         apply(self.plane, policy("shared", self.namespace, self.proxy.url, self.bucket, **spec))
+        wait_for(lambda: self.aborts_by("replica-a") >= 200, timeout=90, what="replica-a sweeping")
+        return first
 
     def sweep_done(self, s3: Any) -> None:
         wait_for(
@@ -269,13 +276,7 @@ def test_peering_failover_mid_sweep_keeps_one_sweeper(
     started = time.monotonic()
     try:
         with ExitStack() as stack:
-            run.replica(stack, "replica-b", 100)
-            first = run.replica(stack, "replica-a", 200)
-            wait_for(lambda: run.peers() == 2, timeout=30, what="both replicas in the peering")
-            run.start_sweep()
-            wait_for(
-                lambda: run.aborts_by("replica-a") >= 200, timeout=90, what="replica-a sweeping"
-            )
+            first = run.two_replicas_sweeping(stack)
             assert first.terminate() == 0, first.output()[-3000:]
             wait_for(
                 lambda: run.aborts_by("replica-b") >= 300,
@@ -340,13 +341,7 @@ def test_sigkill_of_the_active_replica_hands_the_sweep_to_the_standby(
     started = time.monotonic()
     try:
         with ExitStack() as stack:
-            run.replica(stack, "replica-b", 100)
-            first = run.replica(stack, "replica-a", 200)
-            wait_for(lambda: run.peers() == 2, timeout=30, what="both replicas in the peering")
-            run.start_sweep()
-            wait_for(
-                lambda: run.aborts_by("replica-a") >= 200, timeout=90, what="replica-a sweeping"
-            )
+            first = run.two_replicas_sweeping(stack)
             first.kill()
             killed_at = time.monotonic()
             wait_for(
