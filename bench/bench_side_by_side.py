@@ -286,6 +286,21 @@ def janitor_startup(samples: int = 3) -> tuple[float, float]:
     return min(t[0] for t in tries), min(t[1] for t in tries)
 
 
+def janitor_policy(endpoint: str, bucket: str, concurrency: int | None) -> dict[str, Any]:
+    """The policy the CLI sweeps: the default limits but a pacer wide open (the default 100
+    requests/s would set the pace alone) and no abort budget; ``concurrency`` None leaves the
+    cap at the CRD's default."""
+    limits: dict[str, Any] = {"requestsPerSecond": 10_000, "maxAbortsPerSweep": 10_000_000}
+    if concurrency is not None:
+        limits["concurrency"] = concurrency
+    doc = policy_doc(
+        endpoint, [bucket], match={"olderThan": "1s", "quietPeriod": "0s"}, limits=limits
+    )
+    if concurrency is None:
+        del doc["spec"]["limits"]["concurrency"]  # the tests' policy_doc sets one
+    return doc
+
+
 def run_janitor(
     bench: Bench,
     rtt_ms: int,
@@ -298,15 +313,7 @@ def run_janitor(
     capped at ``concurrency`` uploads at once."""
     proxy = bench.proxy(rtt_ms)
     tool = "mpu-janitor" if concurrency is None else f"mpu-janitor-{concurrency}"
-    limits: dict[str, Any] = {"requestsPerSecond": 10_000, "maxAbortsPerSweep": 10_000_000}
-    if concurrency is not None:
-        limits["concurrency"] = concurrency
-    doc = policy_doc(
-        proxy.endpoint,
-        [bucket],
-        match={"olderThan": "1s", "quietPeriod": "0s"},
-        limits=limits,
-    )
+    doc = janitor_policy(proxy.endpoint, bucket, concurrency)
     script = Path(sys.executable).parent / "mpu-janitor"
     with tempfile.TemporaryDirectory(prefix="mpu-janitor-bench-") as tmp:
         path = write_policy(Path(tmp), doc)

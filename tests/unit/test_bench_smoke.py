@@ -15,10 +15,10 @@ from bench.bench_minio_sweep import (
     timed_inventory,
     timed_sweep,
 )
-from bench.bench_side_by_side import PART_SIZE, side_by_side, table
+from bench.bench_side_by_side import PART_SIZE, janitor_policy, side_by_side, table
 from bench.streaming_store import StreamingStore
 
-from mpu_janitor.policy import parse_policy
+from mpu_janitor.policy import Limits, parse_policy
 from mpu_janitor.sweep import run_sweep
 from tests.support.minio import MinioServer
 
@@ -107,3 +107,12 @@ def test_side_by_side_benchmark_checks_and_counts_without_rclone() -> None:
     assert bare.requests == {"ListMultipartUploads": 1, "AbortMultipartUpload": 12}
     lines = table(report)
     assert len(lines) == 2 + 2 and "| mpu-janitor sweep | 4 ms | 12 |" in lines[2]
+
+
+def test_side_by_side_default_run_sweeps_with_the_default_concurrency() -> None:
+    """The default run is compared with the bare client at the default concurrency: its policy
+    carries no cap of its own (the tests' policy helper sets 8), and the 64 run carries 64."""
+    default = parse_policy(janitor_policy("http://127.0.0.1:9", "bucket", None))
+    assert default.limits.concurrency == Limits().concurrency
+    capped = parse_policy(janitor_policy("http://127.0.0.1:9", "bucket", 64))
+    assert capped.limits.concurrency == 64
