@@ -270,6 +270,10 @@ def error_code(body: bytes) -> str | None:
     return None
 
 
+# S3's root element, and moto's.
+_LIST_PARTS_ROOTS = {"ListPartsResult", "ListPartsResponse"}
+
+
 class Unparsed(Exception):
     """A ListParts body this path does not read: botocore reads it."""
 
@@ -281,7 +285,7 @@ def parse_list_parts(answer: Answer) -> dict[str, Any] | None:
         root = ElementTree.fromstring(answer.body)
     except ElementTree.ParseError:
         return None
-    if _local(root.tag) != "ListPartsResult":
+    if _local(root.tag) not in _LIST_PARTS_ROOTS:
         return None
     page: dict[str, Any] = {"Parts": []}
     try:
