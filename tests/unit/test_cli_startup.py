@@ -15,8 +15,7 @@ def test_the_parser_offers_every_metrics_auth_mode() -> None:
 def test_importing_the_cli_imports_no_web_or_kubernetes_stack() -> None:
     heavy = ("aiohttp", "kopf", "kubernetes_asyncio", "prometheus_client", "boto3")
     probe = (
-        "import sys, mpu_janitor.cli; "
-        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+        f"import sys, mpu_janitor.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
