@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ENABLED = os.environ.get("MPU_JANITOR_FAST_REQUESTS", "1") != "0"
 
 _GONE_STATUS = 404
+_KEPT_HEADERS = ("date", "content-length", "x-amz-request-id", "x-amz-id-2")
 # A 4xx answer that botocore's standard retry mode would retry: the abort may have been
 # applied by the attempt that got it (as for no answer or a 5xx).
 _RETRIED_CODES = {
@@ -174,7 +175,12 @@ class FastS3:
             self._observe(operation, attempt_code(None, error))
             raise Fallback(f"{operation}: {type(error).__name__}", maybe_applied=True) from error
         status = int(response.status_code)
-        answer_headers = {k.lower(): v for k, v in response.headers.items()}
+        # The headers the callers read (the Date is the store's clock), lowercased as botocore's.
+        answer_headers = {
+            name: value
+            for name in _KEPT_HEADERS
+            if (value := response.headers.get(name)) is not None
+        }
         length = answer_headers.get("content-length")
         if length is not None and length.isdigit() and int(length) != len(body):
             self._observe(operation, "IncompleteRead")
@@ -197,10 +203,9 @@ class FastS3:
         route = self.route(params["Bucket"])
         if route is None:
             return None
-        query = [("max-parts", str(params["MaxParts"]))]
+        query = [("uploadId", params["UploadId"]), ("max-parts", str(params["MaxParts"]))]
         if params.get("PartNumberMarker"):
             query.append(("part-number-marker", str(params["PartNumberMarker"])))
-        query.append(("uploadId", params["UploadId"]))
         try:
             answer = self._send("ListParts", "GET", route, params["Key"], query, _headers(params))
         except Fallback:
