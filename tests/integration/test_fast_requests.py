@@ -205,8 +205,9 @@ def test_answers_that_are_not_clean_behave_as_on_botocore(
     assert observed["ListParts", "IncompleteRead"] == 1
     assert observed["AbortMultipartUpload", "500"] == 1
     assert observed["AbortMultipartUpload", "503"] == 1
-    # The abort whose answer was lost: seen as the connection closing, then sent again.
-    assert observed["AbortMultipartUpload", "ConnectionClosedError"] == 1
+    # The abort whose answer was lost: seen as the connection closing, then sent again (a
+    # connection the proxy cut may be picked from the pool once more, on either path).
+    assert observed["AbortMultipartUpload", "ConnectionClosedError"] >= 1
     if fast_path:
         # The fast path met each fault first and handed the call to botocore.
         assert fast_answers["ListParts", "503"] == 1
