@@ -9,11 +9,11 @@ aborts them all through the proxy:
 * ``rclone``: ``rclone backend cleanup bench:BUCKET -o max-age=1s`` (the remote configured by
   environment), one upload at a time;
 * ``mpu-janitor``: ``mpu-janitor sweep -f POLICY --output json``, the CLI as a user runs it,
-  with the default concurrency (16, the bare client's threads: the equal-concurrency
-  comparison) and verification; ``requestsPerSecond`` at its ceiling (10,000) so the pacer
-  does not set the pace;
-* ``mpu-janitor-64``: the same with ``concurrency: 64``: the sweep starts at 16 and may grow to
-  64 while the answers come as fast as unloaded;
+  with the default concurrency cap (64: the sweep starts at 16 and grows while the answers
+  come as fast as unloaded) and verification; ``requestsPerSecond`` at its ceiling (10,000) so
+  the pacer does not set the pace;
+* ``mpu-janitor-16``: the same with ``concurrency: 16``, the bare client's threads: the
+  equal-concurrency comparison;
 * ``bare boto3``: one boto3 client in this process listing the bucket and aborting every upload
   from 16 threads: no ListParts, no bytes, no verification. What a client at the same
   concurrency can do at best.
@@ -59,15 +59,15 @@ from tests.support.controlplane import ensure_binaries
 from tests.support.minio import MinioServer
 from tests.support.toxiproxy import Proxy, Toxiproxy
 
-TOOLS = ("rclone", "mpu-janitor", "mpu-janitor-64", "bare")
+TOOLS = ("rclone", "mpu-janitor", "mpu-janitor-16", "bare")
 LABELS = {
     "rclone": "rclone backend cleanup",
     "mpu-janitor": "mpu-janitor sweep",
-    "mpu-janitor-64": "mpu-janitor sweep, concurrency 64",
+    "mpu-janitor-16": "mpu-janitor sweep, concurrency 16",
     "bare": "bare boto3",
 }
 DEFAULT_RTTS = "20:1000,100:500"
-CONCURRENCY = 16  # the bare client's threads, and the policy's default concurrency
+CONCURRENCY = 16  # the bare client's threads, and where a sweep's concurrency starts
 PART_SIZE = 1024
 SETTLE_SECONDS = 2.5  # MinIO's clock has 1 s resolution: every upload is older than 1 s after
 README = Path(__file__).with_name("README.md")
@@ -419,8 +419,8 @@ def side_by_side(
                     run = run_rclone(bench, rclone, rtt_ms, buckets[tool], uploads)
                 elif tool == "mpu-janitor":
                     run = run_janitor(bench, rtt_ms, buckets[tool], uploads, startup_cpu)
-                elif tool == "mpu-janitor-64":
-                    run = run_janitor(bench, rtt_ms, buckets[tool], uploads, startup_cpu, 64)
+                elif tool == "mpu-janitor-16":
+                    run = run_janitor(bench, rtt_ms, buckets[tool], uploads, startup_cpu, 16)
                 else:
                     run = run_bare(bench, rtt_ms, buckets[tool], uploads)
                 runs.append(run)

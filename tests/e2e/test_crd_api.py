@@ -622,7 +622,7 @@ def test_server_applies_the_documented_defaults(crd: ControlPlane, ns: str) -> N
     assert spec["limits"] == {
         "maxAbortsPerSweep": 10000,
         "requestsPerSecond": 100,
-        "concurrency": 16,
+        "concurrency": 64,
     }
     assert spec["store"]["s3"]["region"] == "us-east-1"
     assert crd.kubectl("get", "ulp", "-n", ns, "-o", "name").stdout == ""  # dry run: not stored

@@ -75,7 +75,7 @@ def test_defaults() -> None:
     assert policy.mode is Mode.ABORT and not policy.dry_run
     assert policy.limits.max_aborts_per_sweep == 10000
     assert policy.limits.requests_per_second == 100
-    assert policy.limits.concurrency == 16
+    assert policy.limits.concurrency == 64
     assert policy.suspend is False
 
 

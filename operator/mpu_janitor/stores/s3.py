@@ -46,6 +46,7 @@ from mpu_janitor.stores.base import (
 )
 from mpu_janitor.stores.identity import s3_target_id
 from mpu_janitor.stores.profiles import S3Profile, profile
+from mpu_janitor.stores.s3_fast import Fallback, FastS3, Gone
 from mpu_janitor.stores.streamed_listing import ListingSpill, installed, stream_listing_handler
 
 PAGE_SIZE = 1000
@@ -214,6 +215,10 @@ class S3Store:
                 response_checksum_validation=checksums,
             ),
         )
+        # ListParts and AbortMultipartUpload without botocore's per-call machinery; any
+        # answer it does not handle is sent again through the client (stores/s3_fast.py).
+        self.fast = FastS3(self.client, observer)
+        self._gone_codes = frozenset({*_GONE_CODES, *self.profile.list_parts_gone_codes})
 
     @property
     def target_id(self) -> str:
@@ -524,6 +529,13 @@ class S3Store:
         return PartsSummary(size, count, newest, now)  # no Date: no clock, never ours
 
     def _list_parts_page(self, params: dict[str, Any], container: str) -> dict[str, Any]:
+        if not is_directory_bucket(container):
+            try:
+                page = self.fast.list_parts(params, self._gone_codes)
+            except Gone as gone:
+                raise UploadGone(f"{gone.args[0]}: upload {params['UploadId']!r} is gone") from gone
+            if page is not None:
+                return page
         try:
             response: dict[str, Any] = read_whole(self.client.list_parts, params)
         except botocore.exceptions.ClientError as error:
@@ -542,11 +554,23 @@ class S3Store:
             self._check_object_at_key(upload, params)
         if is_directory_bucket(upload.container) and self.profile.directory_buckets:
             params["IfMatchInitiatedTime"] = upload.initiated
+        params.update(Key=upload.key, UploadId=upload.upload_id)
+        sent_before = False
+        if not is_directory_bucket(upload.container):
+            try:
+                if self.fast.abort(params):
+                    return
+            except Gone as gone:
+                raise UploadGone(f"{gone.args[0]}: upload {upload.upload_id!r}") from gone
+            except Fallback as fallback:
+                # Sent again through botocore, as its own retry would. If the first attempt
+                # may have been applied, NoSuchUpload now is ours, like a retried call's.
+                sent_before = fallback.maybe_applied
         try:
-            self.client.abort_multipart_upload(**params, Key=upload.key, UploadId=upload.upload_id)
+            self.client.abort_multipart_upload(**params)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
             translated = translate_error(error, upload.container)
-            if isinstance(translated, UploadGone) and _retried(error):
+            if isinstance(translated, UploadGone) and (sent_before or _retried(error)):
                 # An earlier attempt of this very call got no usable answer (connection
                 # dropped, timeout, 5xx) and botocore retried it: NoSuchUpload now most
                 # likely means that attempt aborted it. It is ours; the engine's verifying
