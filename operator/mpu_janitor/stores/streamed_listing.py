@@ -14,6 +14,8 @@ spill a page at a time.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import struct
 import tempfile
 import threading
@@ -31,6 +33,36 @@ SPILL_IN_MEMORY_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 _RECORD = struct.Struct("<III")
 _LOCAL = threading.local()
+
+# glibc's malloc serves a request above M_MMAP_THRESHOLD (128 KiB) with its own mapping, returned
+# to the system when freed, but raises the threshold to the size of every such block freed (up to
+# 32 MiB). After the first large transient buffer of a listing (the in-memory spill, the sets of
+# a verifying batch) every later one is carved from the arena of the thread that asked, which
+# gives memory back only from its top: each worker that sends a verifying listing keeps that
+# listing's high-water mark, and a MinIO sweep's RSS grew with the bucket (measured in
+# bench/README.md). Setting the threshold explicitly turns that adjustment off.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def pin_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at its default (no dynamic raise); False where the C library
+    is not glibc or refuses."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+pin_mmap_threshold()
 
 
 def _local_name(tag: str) -> str:
