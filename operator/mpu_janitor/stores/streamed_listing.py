@@ -15,7 +15,6 @@ spill a page at a time.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import struct
 import tempfile
 import threading
@@ -48,11 +47,8 @@ MMAP_THRESHOLD_BYTES = 128 * 1024
 def pin_mmap_threshold() -> bool:
     """Fix glibc's mmap threshold at its default (no dynamic raise); False where the C library
     is not glibc or refuses."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's own symbols: the C library already loaded
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 (glibc only)
     except (OSError, AttributeError):
