@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import botocore.exceptions
 import pytest
 from moto.server import ThreadedMotoServer
@@ -27,6 +26,7 @@ from tests.integration.test_sweep_ceph import (
 )
 from tests.support.fault_proxy import CUT_BODY, FaultProxy
 from tests.support.minio import MinioServer
+from tests.support.s3_access import S3Access
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ KEYS = [
 ]
 
 
-class _Moto:
+class _Moto(S3Access):
     """moto's S3 server with the attributes the helpers read."""
 
     access_key = "test"
@@ -57,15 +57,6 @@ class _Moto:
         self.server.start()
         host, port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
-
-    def client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        )
 
 
 @pytest.fixture(scope="module")
