@@ -26,9 +26,10 @@ from tests.e2e.test_operator_e2e import (
     status,
 )
 from tests.integration.helpers import make_upload, open_uploads
-from tests.support.controlplane import ControlPlane, wait_for
+from tests.support.controlplane import ControlPlane, wait_for, write_kubeconfig
 from tests.support.minio import MinioServer
 from tests.support.operator import running_operator
+from tests.support.toxiproxy import Toxiproxy
 
 
 @contextmanager
@@ -171,3 +172,97 @@ def test_two_shards_split_the_policies_and_a_relabelled_policy_moves(
         assert sweepers(plane, namespaces[1], "a2") == [owner["a"], owner["b"], owner["b"]]
         assert served(shard_a) == {f"{namespaces[0]}/a1"}
         assert 'policy="a2"' not in shard_a.metrics()
+
+
+@pytest.mark.parametrize("outage", ["partition", "apiserver-restart"])
+def test_a_policy_relabelled_while_the_watch_is_broken_moves_when_it_is_back(
+    outage: str,
+    control_plane: ControlPlane,
+    make_namespace: Any,
+    peerings: tuple[str, str],
+    minio: MinioServer,
+    s3: Any,
+    tmp_path: Path,
+) -> None:
+    """The shard's connection to the API server breaks (a network partition, or the API server
+    restarted); meanwhile one policy is relabelled into the shard, one out of it, and one is
+    deleted. Once the shard reaches the API server again it sweeps the one that came in and
+    forgets the two that went, without a restart of the operator."""
+    plane = control_plane
+    label = f"shard-{secrets.token_hex(2)}"
+    namespace = make_namespace("relabel")
+    add_secret(plane, namespace, minio)
+    buckets = {
+        name: f"relabel-{secrets.token_hex(4)}" for name in ("joining", "leaving", "deleted")
+    }
+    for bucket in buckets.values():
+        s3.create_bucket(Bucket=bucket)
+        make_upload(s3, bucket, "tmp/x.bin", [100])
+    time.sleep(AGE)
+    toxiproxy = Toxiproxy().start()
+    try:
+        link = toxiproxy.proxy("apiserver", f"127.0.0.1:{plane.apiserver_port}")
+        kubeconfig = write_kubeconfig(
+            tmp_path / "through-proxy.kubeconfig",
+            server=f"https://{link.listen}",
+            token=plane.admin_token,
+            user="admin",
+            ca_file=plane.ca_file,
+        )
+        with shard(kubeconfig, tmp_path, f"{label}=a", peerings[0]) as operator:
+            for name, value in (("joining", "b"), ("leaving", "a"), ("deleted", "a")):
+                document = policy(name, namespace, minio.endpoint, buckets[name])
+                document["metadata"]["labels"] = {label: value}
+                apply(plane, document)
+            wait_for(
+                lambda: (
+                    not (
+                        open_uploads(s3, buckets["leaving"]) or open_uploads(s3, buckets["deleted"])
+                    )
+                ),
+                timeout=60,
+                what="the shard's own policies swept",
+            )
+            assert served(operator) == {f"{namespace}/leaving", f"{namespace}/deleted"}
+
+            link.set_enabled(False)  # every connection closed, new ones refused
+            if outage == "apiserver-restart":
+                plane.restart_apiserver()
+            relabel = ("label", "ulp", "-n", namespace, "--overwrite")
+            plane.kubectl(*relabel, "joining", f"{label}=a")
+            plane.kubectl(*relabel, "leaving", f"{label}=b")
+            plane.kubectl("delete", "ulp", "deleted", "-n", namespace)
+            make_upload(s3, buckets["leaving"], "tmp/y.bin", [7])
+            time.sleep(AGE)
+            link.set_enabled(True)
+
+            wait_for(
+                lambda: not open_uploads(s3, buckets["joining"]),
+                timeout=120,
+                what="the policy relabelled into the shard swept",
+            )
+            wait_for(
+                lambda: served(operator) == {f"{namespace}/joining"},
+                timeout=60,
+                what=f"the shard to serve only joining (serves {served(operator)})",
+            )
+            # The policy that left is no longer the shard's: a sweep request for it, sent
+            # before one for the shard's own policy, is not answered by this shard.
+            plane.kubectl(
+                "annotate", "ulp", "leaving", "-n", namespace, "mpu-janitor.dev/sweep-now=1"
+            )
+            make_upload(s3, buckets["joining"], "tmp/z.bin", [9])
+            time.sleep(AGE)
+            plane.kubectl(
+                "annotate", "ulp", "joining", "-n", namespace, "mpu-janitor.dev/sweep-now=1"
+            )
+            wait_for(
+                lambda: status(plane, namespace, "joining").get("handledSweepNow") == "1",
+                timeout=60,
+                what="the sweep request for joining answered",
+            )
+            assert not open_uploads(s3, buckets["joining"])
+            assert len(open_uploads(s3, buckets["leaving"])) == 1
+            assert "handledSweepNow" not in status(plane, namespace, "leaving")
+    finally:
+        toxiproxy.stop()
