@@ -8,6 +8,7 @@ never puts a finalizer on them: deleting a policy or its namespace never waits f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 PLURAL = "uploadlifecyclepolicies"
 HEALTHY_TICK_SECONDS = 60.0
+RESYNC_QUIET_SECONDS = 2.0  # a watch's listing is over when it sent nothing for this long
+RESYNC_SECONDS = 600.0  # and a listing of our own at least this often
+RESYNC_RETRY_SECONDS = 10.0  # after a listing failed
 
 
 @dataclass
@@ -130,8 +134,10 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any)
         fairness=NamespaceCaps(config.fairness),
     )
     memo["kube"], memo["metrics"], memo["scheduler"] = kube, metrics, scheduler
+    memo["resync"] = resync = Resync(kube, scheduler, config)
     memo["http"] = await start_http(config, metrics, scheduler, kube)
     scheduler.start()
+    resync.start()
     log.info(
         "mpu-janitor started: metrics on %s:%s, identity %s, policies %s",
         config.metrics_address,
@@ -149,8 +155,83 @@ def apply_selector(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
         settings.watching.label_selectors[API_GROUP, PLURAL] = str(config.selector)
 
 
+class Resync:
+    """Forgets the policies that went while the watch was away.
+
+    When Kopf's watch cannot continue where it broke off (the API server restarted, or the
+    outage outlived the API server's event history), it lists the policies again and
+    carries on: every listed policy reaches us again (event type None), but a policy deleted
+    or relabelled out of this shard meanwhile sends nothing, and would be swept on as if it
+    were still ours. So after every listing (when its events stop for a moment), and every
+    ``RESYNC_SECONDS`` in any case, the operator lists the names of its policies itself
+    (metadata only, the shard's selector applied by the API server) and forgets the others.
+    """
+
+    def __init__(self, kube: KubeClient, scheduler: Scheduler, config: OperatorConfig) -> None:
+        self.kube, self.scheduler, self.config = kube, scheduler, config
+        self._listed_at = 0.0  # the last listed event (monotonic)
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0
+
+    @property
+    def possible(self) -> bool:
+        """Namespace patterns (Kopf's globs) cannot be listed by name: no resync there."""
+        return not any(set(ns) & set("*?[]!") for ns in self.config.namespaces)
+
+    def listed(self) -> None:
+        """A policy arrived from a watch's listing (Kopf's event type None)."""
+        self._listed_at = time.monotonic()
+        self._wakeup.set()
+
+    def start(self) -> None:
+        if self.possible:
+            self._task = asyncio.create_task(self._run(), name="mpu-janitor-resync")
+        else:
+            log.warning(
+                "namespace patterns: policies deleted during an outage are forgotten "
+                "only when the operator restarts"
+            )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=5)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=RESYNC_SECONDS)
+            # A listing is over once its events stop for a moment.
+            while (left := self._listed_at + RESYNC_QUIET_SECONDS - time.monotonic()) > 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+            self._wakeup.clear()
+            try:
+                await self.once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the API server still away: again soon
+                log.warning("could not list the policies to resync (%s); retrying", error)
+                self._listed_at = time.monotonic() + RESYNC_RETRY_SECONDS - RESYNC_QUIET_SECONDS
+                self._wakeup.set()
+
+    async def once(self) -> list[tuple[str, str]]:
+        since = time.monotonic()
+        selector = str(self.config.selector) if self.config.selector is not None else None
+        present: set[tuple[str, str]] = set()
+        for namespace in self.config.namespaces or (None,):
+            present |= await self.kube.list_policy_names(namespace, selector)
+        self.runs += 1
+        return self.scheduler.prune(present, since)
+
+
 @kopf.on.cleanup()
 async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    resync: Resync | None = memo.get("resync")
+    if resync is not None:
+        await resync.stop()
     scheduler: Scheduler | None = memo.get("scheduler")
     if scheduler is not None:
         await scheduler.stop()
@@ -180,6 +261,8 @@ async def on_policy_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **
         scheduler.remove(namespace, name)
     else:
         scheduler.upsert(dict(body), initial=type is None)
+    if type is None and (resync := memo.get("resync")) is not None:
+        resync.listed()  # a watch (re)listed the policies: forget those it no longer shows
 
 
 # -- peering: the scheduler sweeps only in the replica Kopf keeps active -----------------------

@@ -39,6 +39,8 @@ THROTTLE_ATTEMPTS = 6  # 429s waited out before a call fails
 MAX_RETRY_AFTER = 30.0  # seconds: the longest a Retry-After is honoured
 REQUEST_TIMEOUT = 30.0  # seconds per request
 EXPIRY_MARGIN = timedelta(seconds=10)  # log in again this long before a token expires
+# A list of objects' metadata only (names, labels), not their specs and statuses.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 T = TypeVar("T")
 
@@ -222,19 +224,51 @@ class KubeClient:
         body: Mapping[str, Any] = await self._call(call)
         return body
 
+    async def list_policy_names(
+        self, namespace: str | None = None, label_selector: str | None = None
+    ) -> set[tuple[str, str]]:
+        """(namespace, name) of every policy in ``namespace`` (None: every namespace) that
+        ``label_selector`` matches: metadata only, in pages of 500."""
+        path = f"/apis/{API_GROUP}/{API_VERSION}/{PLURAL}"
+        if namespace:
+            path = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
+        found: set[tuple[str, str]] = set()
+        token: str | None = None
+        while True:
+            query = [("limit", "500")]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if token:
+                query.append(("continue", token))
+            page = await self.request("GET", path, query=query, accept=METADATA_LIST)
+            for item in (page or {}).get("items") or []:
+                metadata = item.get("metadata") or {}
+                found.add((str(metadata.get("namespace")), str(metadata.get("name"))))
+            token = ((page or {}).get("metadata") or {}).get("continue")
+            if not token:
+                return found
+
     async def request(
-        self, method: str, path: str, *, json: Any = None, content_type: str | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content_type: str | None = None,
+        query: Sequence[tuple[str, str]] = (),
+        accept: str = "application/json",
     ) -> Any:
         """Any other API call by path (a JSON body in, the JSON answer out), with the same
         login, 401 and 429 handling: for calls no typed method covers yet."""
 
         async def call(api: ApiClient) -> Any:
-            headers = {"Accept": "application/json"}
+            headers = {"Accept": accept}
             if content_type:
                 headers["Content-Type"] = content_type
             return await api.call_api(
                 path,
                 method.upper(),
+                query_params=list(query),
                 header_params=headers,
                 body=json,
                 response_types_map={200: "object", 201: "object", 202: "object"},

@@ -92,6 +92,7 @@ class PolicyEntry:
     request_for_next: str | None = None  # a request the next sweep answers
     deleted: bool = False
     last_progress: float = 0.0
+    seen: float = 0.0  # monotonic time of the last event about it (upsert)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -224,6 +225,7 @@ class Scheduler:
             handled = seen_status.get("handledSweepNow")
             if handled is not None and entry.request_for_next is None:
                 entry.handled_sweep_now = handled
+        entry.seen = time.monotonic()
         entry.body = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
         generation = metadata.get("generation")
         if fresh or generation != entry.generation:
@@ -246,6 +248,21 @@ class Scheduler:
             entry.cancel.set()
             entry.writer.close()
         self.metrics.forget((namespace, name))
+
+    def prune(self, present: set[tuple[str, str]], listed_since: float) -> list[tuple[str, str]]:
+        """Forget the policies a fresh listing (asked for at monotonic ``listed_since``) no
+        longer shows: deleted, or relabelled out of this shard, while the watch was away (a
+        watch that starts over lists what exists, and says nothing of what went). A policy
+        seen since the listing was asked for is kept: the listing may predate it."""
+        gone = [
+            key
+            for key, entry in self.entries.items()
+            if key not in present and entry.seen < listed_since
+        ]
+        for key in gone:
+            log.info("policy %s/%s is no longer listed: forgetting it", *key)
+            self.remove(*key)
+        return gone
 
     def _reparse(self, entry: PolicyEntry, *, resumed: bool) -> None:
         body = entry.body
