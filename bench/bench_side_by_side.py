@@ -276,7 +276,7 @@ def run_rclone(bench: Bench, rclone: Path, rtt_ms: int, bucket: str, uploads: in
 def janitor_startup(samples: int = 3) -> tuple[float, float]:
     """Wall and CPU seconds of starting the CLI's interpreter and imports, no request sent:
     the least of a few tries, since a loaded machine only ever adds to it."""
-    code = "import mpu_janitor.cli, mpu_janitor.stores.s3, boto3"
+    code = "import mpu_janitor.cli, mpu_janitor.stores.s3"
     tries = []
     for _ in range(samples):
         status, _, err, seconds, cpu = run_child([sys.executable, "-c", code], dict(os.environ))

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.credentials
 import botocore.exceptions
@@ -239,8 +238,8 @@ class WebIdentityExchange:
             read_timeout=30,
             **({} if credentials is not None else {"signature_version": UNSIGNED}),
         )
-        session = boto3.session.Session(botocore_session=isolated_session(credentials))
-        return session.client("sts", endpoint_url=self.sts_endpoint, config=config)
+        session = isolated_session(credentials)
+        return session.create_client("sts", endpoint_url=self.sts_endpoint, config=config)
 
     def _call(self, operation: str, field: str, call: Callable[[], Any]) -> dict[str, Any]:
         where = self.sts_endpoint or f"AWS STS ({self.region})"

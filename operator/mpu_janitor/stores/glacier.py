@@ -1,4 +1,4 @@
-"""Amazon S3 Glacier vaults: the incomplete multipart uploads of a policy's vaults, via boto3.
+"""Amazon S3 Glacier vaults: the incomplete multipart uploads of a policy's vaults, via botocore.
 
 Vaults have no lifecycle rules. AWS says an upload idle for 24 hours may be removed by the
 service itself, but "may" is no promise of when (nor that its parts stop being billed sooner):

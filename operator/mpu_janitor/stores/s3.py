@@ -1,4 +1,4 @@
-"""Amazon S3 and S3-compatible stores (MinIO, Ceph RGW, Scality, Tencent COS, generic) via boto3.
+"""Amazon S3 and S3-compatible stores (MinIO, Ceph RGW, Scality, Tencent COS, generic) via botocore.
 
 Provider differences come from ``profiles.yaml``; this module reads flags, never provider names.
 Directory buckets (names ending ``--x-s3``) get ``IfMatchInitiatedTime`` on abort.
