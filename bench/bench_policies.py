@@ -209,6 +209,13 @@ class OperatorProcess:
             fields = handle.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
+    def loop_cpu_seconds(self) -> float:
+        """CPU of the main thread alone: the event loop (Kopf, scheduler, API calls)."""
+        pid = self.process.pid
+        with open(f"/proc/{pid}/task/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
     def memory_mib(self, key: str) -> float:
         with open(f"/proc/{self.process.pid}/status", encoding="ascii") as handle:
             for line in handle:
@@ -438,7 +445,9 @@ class Bench:
             f"max {max(values):.2f} s over {len(values)} policies"
         )
 
-    def report_api(self, label: str, before: Counter[tuple[str, ...]], wall: float) -> None:
+    def report_api(
+        self, label: str, before: Counter[tuple[str, ...]], wall: float, sweeps: int = 0
+    ) -> None:
         after = self.api.counters()
         delta = after - before
         requests = {k[1:]: v for k, v in delta.items() if k[0] == "request"}
@@ -452,6 +461,14 @@ class Bench:
             for (verb, resource, sub), count in sorted(ours.items(), key=lambda kv: -kv[1])
         )
         self.results.say(f"{label}: API requests {parts or 'none'}")
+        if sweeps:
+            per_sweep = ", ".join(
+                f"{verb} {resource}{'/' + sub if sub else ''} {count / sweeps:.2f}"
+                for (verb, resource, sub), count in sorted(ours.items(), key=lambda kv: -kv[1])
+            )
+            total = sum(ours.values()) / sweeps
+            self.results.numbers[f"{label}_requests_per_sweep"] = total
+            self.results.say(f"{label}: API requests per sweep {total:.2f} ({per_sweep})")
         rejected = sum(v for k, v in delta.items() if k[0] == "rejected")
         waited = {k[1]: v for k, v in delta.items() if k[0] == "waited-ms" and v}
         self.results.say(
@@ -524,7 +541,7 @@ class Bench:
         # 4. busy: every policy on a short interval
         interval = seconds(options.interval)
         counters, patched = self.api.counters(), time.monotonic()
-        cpu0 = operator.cpu_seconds()
+        cpu0, loop0 = operator.cpu_seconds(), operator.loop_cpu_seconds()
 
         def patch(item: tuple[str, str, str]) -> None:
             namespace, name, _ = item
@@ -548,6 +565,7 @@ class Bench:
         time.sleep(max(0.0, patched + watch - time.monotonic()))
         ended = time.monotonic()
         busy_cpu = (operator.cpu_seconds() - cpu0) / (ended - patched)
+        loop_cpu = operator.loop_cpu_seconds() - loop0
         self.report_latency("busy", busy_probes)
         listings: dict[str, list[float]] = defaultdict(list)
         mine = {b for _, _, b in self.policies}
@@ -578,11 +596,14 @@ class Bench:
             f"{percentile(gaps, 0.99):.1f} s, max {max(gaps):.1f} s ({max(gaps) / interval:.2f} "
             f"intervals); {late} gaps over two intervals (a sweep more than one interval late)"
         )
+        numbers["loop_ms_per_sweep"] = 1000 * loop_cpu / max(1, sweeps)
         say(
-            f"busy: operator CPU {100 * busy_cpu:.0f}% of a core, RSS "
-            f"{numbers['busy_rss_mib']:.0f} MiB (peak {numbers['peak_rss_mib']:.0f} MiB)"
+            f"busy: operator CPU {100 * busy_cpu:.0f}% of a core (event loop thread "
+            f"{100 * loop_cpu / (ended - patched):.0f}%, {numbers['loop_ms_per_sweep']:.1f} ms a "
+            f"sweep), RSS {numbers['busy_rss_mib']:.0f} MiB (peak {numbers['peak_rss_mib']:.0f} "
+            "MiB)"
         )
-        self.report_api("busy", counters, ended - patched)
+        self.report_api("busy", counters, ended - patched, sweeps)
         return self.results
 
 

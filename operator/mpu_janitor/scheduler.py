@@ -56,6 +56,9 @@ HANDOVER_SECONDS = 2 * STANDBY_RECHECK_SECONDS
 JITTER = 0.1  # +-10% of the interval, so policies created together drift apart
 RETRY_AFTER_PROBLEM = timedelta(minutes=1)  # credentials missing: look again soon
 PROGRESS_SECONDS = 30.0  # a running sweep's counts reach the status at most this often
+# What the scheduler acts on in a policy's metadata (with its spec): a new version that
+# changes none of these (its status only) is no news to the replica that wrote that status.
+NEWS_FIELDS = ("uid", "generation", "labels", "annotations", "deletionTimestamp")
 THREADS = 256  # sweep threads; at most max_parallel_sweeps of them hold a slot (sweep)
 
 # (body, type, reason, message): posts a Kubernetes Event about a policy.
@@ -239,6 +242,18 @@ class Scheduler:
             entry.handled_sweep_now = entry.request_for_next = request
             entry.schedule.request_now(time.monotonic())
         self._wakeup.set()
+
+    def is_news(self, body: Mapping[str, Any]) -> bool:
+        """Does a policy's new version differ from the one we hold in anything but its status
+        (spec, generation, labels, annotations, deletion)? Unknown policies are news."""
+        metadata = body.get("metadata") or {}
+        entry = self.entries.get((str(metadata.get("namespace")), str(metadata.get("name"))))
+        if entry is None:
+            return True
+        held = entry.body.get("metadata") or {}
+        return any(metadata.get(key) != held.get(key) for key in NEWS_FIELDS) or body.get(
+            "spec"
+        ) != entry.body.get("spec")
 
     def remove(self, namespace: str, name: str) -> None:
         """A policy was deleted: stop its sweep between uploads and drop its metrics."""
