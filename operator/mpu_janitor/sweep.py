@@ -345,6 +345,7 @@ class _Sweep:
         self.unverified: list[_Unverified] = []  # this container's, under the lock
         self.listed = 0  # uploads submitted in this container
         self.last_listing = 0  # uploads the last verifying listing held
+        self.verifying = 0  # verifying listings on their way, under the lock
         # Aborts a verifying listing did not prove gone, waiting for the sweep's own thread to
         # hand each to a worker with a slot of its own (a worker that holds a slot never waits
         # for another, so the limit can never deadlock); at most one batch.
@@ -588,8 +589,12 @@ class _Sweep:
         sends that listing."""
         with self.lock:
             self.unverified.append(item)
-            if len(self.unverified) < self.batch_size():
-                if len(self.unverified) == 1 and self.verify_within is not None:
+            waiting = len(self.unverified)
+            # While a verifying listing is on its way, a full batch grows until it is back (up
+            # to the largest batch): a listing may hold the whole bucket, and until the first
+            # comes back, batches of the least size would each send one.
+            if waiting < self.batch_size() or (self.verifying and waiting < BULK_VERIFY_MAX_BATCH):
+                if waiting == 1 and self.verify_within is not None:
                     self.batch_timer = threading.Timer(
                         self.verify_within, self._verify_aged, args=(self.unverified,)
                     )
@@ -637,6 +642,8 @@ class _Sweep:
         container = batch[0].upload.container
         ids = {item.upload.upload_id for item in batch}
         gone: frozenset[str] = frozenset()
+        with self.lock:
+            self.verifying += 1
         try:
             proof = self.bulk.proven_gone(
                 container,
@@ -650,6 +657,9 @@ class _Sweep:
             log.info(
                 "verifying listing of %d aborts in %s failed (%s)", len(batch), container, error
             )
+        finally:
+            with self.lock:
+                self.verifying -= 1
         unproven = []
         for item in batch:
             if item.upload.upload_id in gone and item.upload.upload_id in ids:

@@ -5,6 +5,7 @@ repeated abort, every abort sent verified even after a stop order."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -241,3 +242,43 @@ def test_answered_aborts_are_proven_and_counted_within_the_checkpoint_time() -> 
         resume.set()
         sweeper.join(30)
     assert outcome and outcome[0].freed_bytes == answered + 4 and store.uploads == {}
+
+
+@dataclass
+class SlowListingStore(ListingStore):
+    """A verifying listing takes ``delay`` seconds (MinIO lists the whole bucket in each):
+    records how many were on their way at once."""
+
+    delay: float = 0.0
+    in_flight: int = 0
+    most_in_flight: int = 0
+
+    def proven_gone(
+        self, container: str, uploads: Sequence[tuple[Upload, object]], pace: Pace = unpaced
+    ) -> ListingProof:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            return super().proven_gone(container, uploads, pace)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_a_full_batch_waits_for_the_verifying_listing_on_its_way() -> None:
+    """A bucket-wide listing is slow, and until the first one comes back the sweep does not
+    know how large its batches should be: batches of the least size filled meanwhile must not
+    each send a listing of the whole bucket (a 40,000-upload MinIO sweep spent its first 20 s
+    so). They grow while one listing is on its way, and go with the next."""
+    store = SlowListingStore(batches=[], delay=0.3)
+    count = 12 * BULK_VERIFY_MIN_BATCH
+    for index in range(count):
+        store.add(f"k{index:05}", age=48 * H, parts=[1])
+    result = run_sweep(policy(limits={"concurrency": 16}), store)
+    assert result.ok, result.issues
+    assert result.total("aborted") == count and store.uploads == {}
+    assert store.most_in_flight == 1, f"{store.most_in_flight} verifying listings at once"
+    assert sum(store.batches or []) == count
+    assert len(store.batches or []) < count // BULK_VERIFY_MIN_BATCH
