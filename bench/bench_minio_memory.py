@@ -3,8 +3,12 @@
 MinIO answers ListMultipartUploads with every upload of the bucket in one response, whatever
 max-uploads says. This seeds a bucket with N part-less incomplete uploads for each N, then runs
 ``mpu-janitor sweep -f POLICY --output json`` (Abort, the default limits but the request rate at
-its ceiling) as a fresh process and reads its peak RSS from the kernel (``ru_maxrss`` of
-``os.wait4``): the whole process, interpreter, boto3, listing and engine. Each run is checked:
+its ceiling) as a fresh process and reads its peak RSS from the kernel: the CLI's own
+``VmHWM`` (the whole process, interpreter, botocore, listing and engine), which it writes as it
+exits. Not ``ru_maxrss`` from ``os.wait4``: a process spawned by ``posix_spawn`` (or forked)
+keeps its parent's high-water mark across ``exec``, so that figure was this bench's own peak
+after seeding N uploads whenever it was the larger (until 2026-11-22 it reported 120 MiB for a
+40,000-upload sweep that peaked at 68 MiB). Each run is checked:
 the CLI exited 0, ``aborted`` is N and the bucket is empty afterwards. Requests are counted by
 MinIO itself, and the seeding rate is printed first, so the time a larger N takes here can be
 estimated before asking for it.
@@ -26,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.bench_side_by_side import MinioRequests, process_cpu
 
@@ -33,6 +38,22 @@ from tests.integration.helpers import last_json, open_uploads, policy_doc, write
 from tests.support.minio import MinioServer
 
 SETTLE_SECONDS = 2.5
+POLL_SECONDS = 0.05
+# Runs the CLI as ``python -m mpu_janitor.cli`` would, and writes the process's peak RSS (kB) to
+# the file named by MPU_JANITOR_BENCH_PEAK_FILE as it exits.
+PEAK_REPORTING_MAIN = """
+import atexit, os, runpy, sys
+
+def report():
+    with open("/proc/self/status", encoding="ascii") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["MPU_JANITOR_BENCH_PEAK_FILE"], "w", encoding="ascii") as out:
+        out.write(peak)
+
+atexit.register(report)
+sys.argv[0] = "mpu_janitor.cli"
+runpy.run_module("mpu_janitor.cli", run_name="__main__", alter_sys=True)
+"""
 
 
 @dataclass
@@ -64,6 +85,60 @@ def seed(s3: object, bucket: str, count: int, workers: int = 16) -> float:
     return time.perf_counter() - started
 
 
+@dataclass
+class Child:
+    status: int  # as os.wait4 gives it
+    usage: Any  # resource.struct_rusage
+    peak_mib: float  # the CLI's own VmHWM
+    stdout: str
+    stderr: str
+
+
+def run_measured(args: list[str], env: dict[str, str]) -> Child:
+    """``python -m mpu_janitor.cli ARGS`` as a fresh process: its exit status, CPU, output and
+    its own peak RSS (``VmHWM``, written as it exits; while it runs it is also polled, for a
+    process that ends without running its exit handlers)."""
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile(prefix="mpu-janitor-peak-") as peak_file,
+    ):
+        argv = [sys.executable, "-c", PEAK_REPORTING_MAIN, *args]
+        pid = os.posix_spawn(
+            argv[0],
+            argv,
+            {**env, "MPU_JANITOR_BENCH_PEAK_FILE": peak_file.name},
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, err.fileno(), 2),
+            ],
+        )
+        polled = 0
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                break
+            polled = max(polled, vm_hwm_kib(pid))
+            time.sleep(POLL_SECONDS)
+        reported = Path(peak_file.name).read_text(encoding="ascii").strip()
+        out.seek(0)
+        err.seek(0)
+        peak_kib = int(reported) if reported.isdigit() else polled
+        return Child(status, usage, peak_kib / 1024, out.read().decode(), err.read().decode())
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """A running process's peak RSS so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def sweep(
     minio: MinioServer, bucket: str, uploads: int, code: Path | None, concurrency: int | None
 ) -> MemoryRun:
@@ -83,25 +158,13 @@ def sweep(
     assert minio.process is not None
     with tempfile.TemporaryDirectory(prefix="mpu-janitor-mem-") as tmp:
         path = write_policy(Path(tmp), doc)
-        argv = [sys.executable, "-m", "mpu_janitor.cli", "sweep", "-f", str(path)]
-        argv += ["--output", "json"]
+        argv = ["sweep", "-f", str(path), "--output", "json"]
         before, minio_before = counters.read(), process_cpu(minio.process.pid)
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            started = time.perf_counter()
-            pid = os.posix_spawn(
-                argv[0],
-                argv,
-                env,
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
-                    (os.POSIX_SPAWN_DUP2, err.fileno(), 2),
-                ],
-            )
-            _, status, usage = os.wait4(pid, 0)
-            seconds = time.perf_counter() - started
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read().decode(), err.read().decode()
+        started = time.perf_counter()
+        child = run_measured(argv, env)
+        seconds = time.perf_counter() - started
+        status, usage, peak_mib = child.status, child.usage, child.peak_mib
+        stdout, stderr = child.stdout, child.stderr
     requests = dict(counters.read() - before)
     minio_cpu = process_cpu(minio.process.pid) - minio_before
     code_ = os.waitstatus_to_exitcode(status)
@@ -118,7 +181,7 @@ def sweep(
         uploads,
         0.0,
         seconds,
-        usage.ru_maxrss / 1024,
+        peak_mib,
         usage.ru_utime + usage.ru_stime,
         minio_cpu,
         requests,
