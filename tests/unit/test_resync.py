@@ -12,8 +12,7 @@ from mpu_janitor.metrics import MetricsState
 from mpu_janitor.scheduler import Scheduler
 from mpu_janitor.selector import parse_selector
 from mpu_janitor.tenancy import Tenancy
-
-S3 = {"store": {"type": "S3", "s3": {"buckets": ["b-1"]}}, "match": {"olderThan": "1d"}}
+from tests.unit.test_fairness import policy_body
 
 
 class ListingKube:
@@ -36,15 +35,6 @@ class ListingKube:
         self.patches.append((name, status))
 
 
-def body(namespace: str, name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "mpu-janitor.dev/v1alpha1",
-        "kind": "UploadLifecyclePolicy",
-        "metadata": {"name": name, "namespace": namespace, "generation": 1},
-        "spec": S3,
-    }
-
-
 async def post(*_: Any) -> None:
     pass
 
@@ -53,7 +43,7 @@ def scheduler_with(kube: ListingKube, *keys: tuple[str, str]) -> Scheduler:
     tenancy = Tenancy(ambient_namespaces=frozenset({"a", "b"}))
     sched = Scheduler(kube, MetricsState(), post, tenancy=tenancy)  # type: ignore[arg-type]
     for namespace, name in keys:
-        sched.upsert(body(namespace, name), initial=True)
+        sched.upsert(policy_body(namespace, name), initial=True)
     return sched
 
 
@@ -73,7 +63,7 @@ async def test_a_policy_seen_after_the_listing_was_asked_for_is_kept() -> None:
     kube = ListingKube(set())
     sched = scheduler_with(kube, ("a", "old"))
     asked = time.monotonic()
-    sched.upsert(body("a", "new"))  # created while the listing was on its way
+    sched.upsert(policy_body("a", "new"))  # created while the listing was on its way
     assert sched.prune(set(), asked) == [("a", "old")]
     assert set(sched.entries) == {("a", "new")}
 

@@ -13,8 +13,7 @@ from mpu_janitor.handlers import is_news
 from mpu_janitor.metrics import MetricsState
 from mpu_janitor.scheduler import Scheduler
 from mpu_janitor.tenancy import Tenancy
-
-S3 = {"store": {"type": "S3", "s3": {"buckets": ["b-1"]}}, "match": {"olderThan": "1d"}}
+from tests.unit.test_fairness import S3
 
 
 class Kube:
